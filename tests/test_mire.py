@@ -1,0 +1,203 @@
+"""Loader and validator of the MIRE format: one test per bad-input class, plus real data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import image_record, intent_record, make_mire, write_image
+from PIL import Image
+
+from kdsl_utils.data.labels import ALL_LABELS, IMAGE_LABELS, INTENT_LABELS
+from kdsl_utils.data.mire import (MireError, MireValidationError, load_mire, load_split,
+                                  parse_dialogue)
+from kdsl_utils.data.prompts import intent_instruction
+
+
+def _problem_kinds(root, **kw):
+    _, report = load_split(root / "train.json", strict=False, **kw)
+    return [p.kind for p in report.problems], report
+
+
+def _bad(tmp_path, rec, kind):
+    """A directory with one good and one bad record: strict raises naming the bad id;
+    lenient skips exactly the bad one and reports its class."""
+    root = make_mire(tmp_path / "d", [image_record("good-1"), rec])
+    with pytest.raises(MireValidationError) as e:
+        load_split(root / "train.json")
+    rid = rec.get("id") if isinstance(rec, dict) else None
+    assert "train.json" in str(e.value) and (rid is None or rid in str(e.value))
+    kinds, report = _problem_kinds(root)
+    assert kinds == [kind] and report.n_kept == 1 and report.n_skipped == 1
+    return root
+
+
+def test_good_records_parse(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("a-1"), intent_record("b" * 30, n_images=2)],
+                     {"test1": [image_record("c-1", label="")]})
+    data = load_mire(root)
+    img, intent = data.train
+    assert img.task == "image" and img.candidates == IMAGE_LABELS and img.turns == ()
+    assert intent.task == "intent" and intent.candidates == INTENT_LABELS
+    assert [t.role for t in intent.turns] == ["用户", "客服", "用户", "用户", "用户", "客服"]
+    assert [t.images for t in intent.turns][2:4] == [(0,), (1,)]
+    assert intent.last_user_turn == "这个杯子是什么材质的"
+    assert data.tests["test1"][0].label is None  # unlabelled test record
+    assert all(p.is_absolute() and p.exists() for r in data.train for p in r.images)
+    assert img.to_raw() == image_record("a-1")
+
+
+def test_malformed_json(tmp_path):
+    root = make_mire(tmp_path / "d", [])
+    (root / "train.json").write_text('[{"id": "x",}]', encoding="utf-8")
+    with pytest.raises(MireError, match=r"train.json: malformed JSON at line 1, column"):
+        load_split(root / "train.json")
+
+
+def test_not_a_list_and_missing_file(tmp_path):
+    root = make_mire(tmp_path / "d", [])
+    (root / "train.json").write_text('{"id": "x"}', encoding="utf-8")
+    with pytest.raises(MireError, match="expected a JSON list"):
+        load_split(root / "train.json")
+    with pytest.raises(MireError, match="file not found"):
+        load_split(root / "nope.json")
+    with pytest.raises(MireError, match="MIRE directory not found"):
+        load_mire(tmp_path / "absent")
+
+
+def test_missing_field(tmp_path):
+    rec = image_record("bad-1")
+    del rec["output"]
+    _bad(tmp_path, rec, "missing_field")
+
+
+def test_wrong_type(tmp_path):
+    rec = image_record("bad-1")
+    rec["image"] = "bad-1-0.jpg"
+    _bad(tmp_path, rec, "wrong_type")
+
+
+def test_unknown_label(tmp_path):
+    _bad(tmp_path, image_record("bad-1", label="首页截图"), "unknown_label")
+
+
+def test_wrong_bracket_width(tmp_path):
+    root = _bad(tmp_path, image_record("bad-1", label="实物拍摄（含售后）"), "wrong_bracket_width")
+    _, report = _problem_kinds(root)
+    assert "实物拍摄(含售后)" in report.problems[0].message
+
+
+def test_label_of_other_task(tmp_path):
+    _bad(tmp_path, image_record("bad-1", label="商品材质"), "label_not_in_candidates")
+
+
+def test_missing_image(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1"), image_record("bad-1")])
+    (root / "images" / "bad-1-0.jpg").unlink()
+    kinds, _ = _problem_kinds(root)
+    assert kinds == ["missing_image"]
+
+
+def test_corrupt_image(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1"), image_record("bad-1")])
+    p = root / "images" / "bad-1-0.jpg"
+    p.write_bytes(p.read_bytes()[:200])  # truncated JPEG
+    kinds, _ = _problem_kinds(root)
+    assert kinds == ["corrupt_image"]
+    (root / "images" / "bad-1-0.jpg").write_bytes(b"not an image at all")
+    assert _problem_kinds(root)[0] == ["corrupt_image"]
+
+
+def test_decompression_bomb(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1"), image_record("bad-1")])
+    # A 1-bit 8000x8000 PNG: tiny on disk, 64 Mpx once decoded.
+    Image.new("1", (8000, 8000)).save(root / "images" / "bad-1-0.jpg", format="PNG")
+    kinds, report = _problem_kinds(root)
+    assert kinds == ["decompression_bomb"] and "8000x8000" in report.problems[0].message
+
+
+def test_zero_image_intent_is_valid(tmp_path):
+    # The real data has one intent record without any image: it must load.
+    root = make_mire(tmp_path / "d", [intent_record("c" * 30, n_images=0)])
+    (rec,), report = load_split(root / "train.json")
+    assert rec.images == () and not report.problems
+
+
+def test_image_record_without_image(tmp_path):
+    rec = image_record("bad-1", n_images=0)
+    _bad(tmp_path, rec, "no_image")
+
+
+def test_placeholder_mismatch(tmp_path):
+    rec = intent_record("d" * 30, n_images=2)
+    rec["image"] = rec["image"][:1]
+    _bad(tmp_path, rec, "placeholder_mismatch")
+
+
+def test_empty_dialogue(tmp_path):
+    rec = intent_record("e" * 30, n_images=0)
+    rec["instruction"] = intent_instruction([])
+    _bad(tmp_path, rec, "empty_dialogue")
+    rec["instruction"] = intent_instruction([("客服", "您好")])
+    _bad(tmp_path / "2", rec, "empty_dialogue")
+
+
+def test_duplicate_ids(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1"), image_record("dup-1"),
+                                      image_record("dup-1")])
+    kinds, report = _problem_kinds(root)
+    assert kinds == ["duplicate_id"] and report.n_kept == 2
+
+
+def test_bad_candidates(tmp_path):
+    rec = image_record("bad-1")
+    rec["instruction"] = rec["instruction"].replace('"退款页面",', '"退钱页面",')
+    _bad(tmp_path, rec, "unknown_candidate")
+    rec["instruction"] = "Picture 1: <image>\n请分类。"
+    _bad(tmp_path / "2", rec, "bad_candidates")
+
+
+def test_not_an_object(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    (root / "train.json").write_text(json.dumps([image_record("good-1"), ["x"]]), encoding="utf-8")
+    kinds, _ = _problem_kinds(root)
+    assert kinds == ["not_an_object"]
+
+
+def test_dialogue_continuation_lines():
+    instr = intent_instruction([("用户", "第一行"), ("客服", "多行\n第二行"), ("用户", "<image>问题")])
+    turns = parse_dialogue(instr)
+    assert [t.text for t in turns] == ["第一行", "多行\n第二行", "<image>问题"]
+    assert turns[2].images == (0,)
+
+
+def test_strict_error_lists_every_problem(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record(f"bad-{i}", label="无") for i in range(30)])
+    with pytest.raises(MireValidationError) as e:
+        load_split(root / "train.json")
+    assert len(e.value.problems) == 30 and "and 10 more" in str(e.value)
+
+
+def test_external_test_file(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("a-1")])
+    other = make_mire(tmp_path / "elsewhere", [image_record("z-1")])
+    data = load_mire(root, test_files=[other / "train.json"])
+    assert [r.id for r in data.tests["train"]] == ["z-1"]
+
+
+@pytest.mark.realdata
+def test_real_mire_counts(real_mire):
+    data = load_mire(real_mire)
+    train, test1 = data.train, data.tests["test1"]
+    assert len(train) == 692 and len(test1) == 154
+    assert sum(r.task == "image" for r in train) == 488
+    assert sum(r.task == "intent" for r in train) == 204
+    assert all(r.label in ALL_LABELS for r in train + test1)
+    assert sum(1 for r in train if r.task == "intent" and not r.images) == 1
+    used = {r.label for r in train + test1}
+    assert {"消费者与客服聊天页面", "个人信息页面"}.isdisjoint(used)
+    assert all(r.instruction.count("<image>") == len(r.images) for r in train + test1)
+
+
+def test_write_image_helper_roundtrip(tmp_path):
+    assert Image.open(write_image(tmp_path / "x.png")).size == (64, 96)

@@ -1,0 +1,80 @@
+"""Splits, few-shot sampling, augmentation and the datasets conversion."""
+
+from __future__ import annotations
+
+import collections
+
+from conftest import image_record, intent_record, make_mire
+from PIL import Image
+
+from kdsl_utils.data.augment import drop_agent_turns, resize_copies
+from kdsl_utils.data.hf import to_hf_dataset
+from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS
+from kdsl_utils.data.mire import load_split, parse_dialogue
+from kdsl_utils.data.splits import few_shot, kfold, stratified_split
+
+
+def _records(tmp_path, per_label=5):
+    raw = [image_record(f"img{i}-{j}", label=lab) for i, lab in enumerate(IMAGE_LABELS[:6])
+           for j in range(per_label)]
+    raw += [intent_record(f"{i:02d}{j:028x}", label=lab) for i, lab in enumerate(INTENT_LABELS[:4])
+            for j in range(per_label)]
+    raw.append(image_record("single-0", label=IMAGE_LABELS[10]))  # a label with one example
+    root = make_mire(tmp_path / "d", raw)
+    return load_split(root / "train.json")[0]
+
+
+def test_stratified_split(tmp_path):
+    recs = _records(tmp_path)
+    rest, held = stratified_split(recs, 0.2, seed=1)
+    assert {r.id for r in rest}.isdisjoint(r.id for r in held) and len(rest) + len(held) == len(recs)
+    per_label = collections.Counter(r.label for r in held)
+    assert set(per_label.values()) == {1} and IMAGE_LABELS[10] not in per_label
+    assert [r.id for r in stratified_split(recs, 0.2, seed=1)[1]] == [r.id for r in held]
+    assert [r.id for r in stratified_split(recs, 0.2, seed=2)[1]] != [r.id for r in held]
+
+
+def test_kfold_partitions(tmp_path):
+    recs = _records(tmp_path)
+    folds = kfold(recs, 5, seed=0)
+    dev_ids = [r.id for _, dev in folds for r in dev]
+    assert sorted(dev_ids) == sorted(r.id for r in recs)
+    for train, dev in folds:
+        assert {r.id for r in train}.isdisjoint(r.id for r in dev)
+        assert max(collections.Counter(r.label for r in dev).values()) == 1
+
+
+def test_few_shot(tmp_path):
+    recs = _records(tmp_path)
+    fs = few_shot(recs, 2, seed=0)
+    assert max(collections.Counter(r.label for r in fs).values()) == 2
+    assert len(fs) == 2 * 10 + 1
+    assert [r.id for r in few_shot(recs, 2, seed=0)] == [r.id for r in fs]
+
+
+def test_resize_copies(tmp_path):
+    recs = _records(tmp_path)[:3]
+    aug = resize_copies(recs, tmp_path / "aug", copies=2, scale=(0.5, 0.5), seed=0)
+    assert len(aug) == 6 and aug[0].id == recs[0].id + "#aug0"
+    assert Image.open(aug[0].images[0]).size == (32, 48)
+    assert recs[0].images[0].exists() and aug[0].label == recs[0].label
+
+
+def test_drop_agent_turns_keeps_user_turns(tmp_path):
+    recs = [r for r in _records(tmp_path) if r.task == "intent"]
+    aug = drop_agent_turns(recs, p_drop=1.0, seed=0)
+    assert len(aug) == len(recs)
+    for a, r in zip(aug, recs):
+        assert all(t.role == "用户" for t in a.turns)
+        assert a.user_text == r.user_text and a.candidates == r.candidates
+        assert parse_dialogue(a.instruction) == a.turns  # the rebuilt prompt parses back
+        assert a.instruction.count("<image>") == len(a.images)
+    assert drop_agent_turns(recs, p_drop=0.0, seed=0)[0].turns == recs[0].turns
+
+
+def test_hf_dataset(tmp_path):
+    recs = _records(tmp_path)[:4]
+    ds = to_hf_dataset(recs)
+    assert ds.num_rows == 4 and ds[0]["images"] == [str(recs[0].images[0])]
+    ds_img = to_hf_dataset(recs, decode_images=True)
+    assert ds_img[0]["images"][0].size == (64, 96)
