@@ -42,12 +42,15 @@ def resolve_data(data_dir: str | Path | None, *, seed: int = 0, smoke: bool = Fa
     per_label, test_per_label = SYNTH_SIZES[size]
     root = Path(cache_root or REPO_ROOT / "data") / f"synthetic-{size}-seed{seed}"
     if not ((root / "train.json").is_file() and find_test_files(root)):
-        # Write beside, then rename: a crash mid-way never leaves a half dataset to reuse.
-        tmp = root.with_name(root.name + ".partial")
+        # Write beside, then rename: a crash never leaves a half dataset to reuse, and two
+        # processes generating at once (parallel tests) both end with one complete copy.
+        tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         generate_mire(tmp, seed=seed, per_label=per_label, test_per_label=test_per_label)
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
+        try:
+            tmp.rename(root)
+        except OSError:  # another process finished first (same seed: same bytes)
+            shutil.rmtree(tmp, ignore_errors=True)
     return DataSource(root=root, tag="synthetic" if size == "full" else "synthetic-smoke", synthetic=True)
 
 

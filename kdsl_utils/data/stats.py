@@ -1,0 +1,52 @@
+"""Tables that describe a loaded MIRE dataset (notebook 00): counts, lengths, validation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from .labels import ALL_LABELS, LABEL_TO_TASK
+from .records import LoadReport, Record
+from .tokens import image_size, qwen2_tokenizer, visual_tokens
+
+
+def label_counts(splits: Mapping[str, Sequence[Record]]) -> pd.DataFrame:
+    """One row per (split, label) of the registry, zero counts included: split, task, label, n."""
+    rows = []
+    for split, recs in splits.items():
+        counts = pd.Series([r.label for r in recs if r.label is not None]).value_counts()
+        for lab in ALL_LABELS:
+            rows.append({"split": split, "task": LABEL_TO_TASK[lab], "label": lab,
+                         "n": int(counts.get(lab, 0))})
+    return pd.DataFrame(rows)
+
+
+def validation_table(reports: Mapping[str, LoadReport]) -> pd.DataFrame:
+    """Per split: records read, kept, skipped, and the count of each problem class."""
+    rows = []
+    for split, rep in reports.items():
+        row = {"split": split, "read": rep.n_read, "kept": rep.n_kept, "skipped": rep.n_skipped}
+        for p in rep.problems:
+            row[p.kind] = row.get(p.kind, 0) + 1
+        rows.append(row)
+    return pd.DataFrame(rows).fillna(0)
+
+
+def length_table(splits: Mapping[str, Sequence[Record]], min_pixels: int, max_pixels: int,
+                 text_tokens: bool = True) -> pd.DataFrame:
+    """One row per record: split, id, task, label, n_images, n_turns, chars (instruction),
+    dialogue_chars, text_tokens (real Qwen2 BPE of the instruction without image
+    placeholders), visual_tokens (sum over images at the given pixel bounds)."""
+    tok = qwen2_tokenizer() if text_tokens else None
+    rows = []
+    for split, recs in splits.items():
+        texts = [r.instruction.replace("<image>", "") for r in recs]
+        n_tok = [len(x) for x in tok(texts)["input_ids"]] if tok and texts else [None] * len(recs)
+        for r, nt in zip(recs, n_tok):
+            vis = sum(visual_tokens(*image_size(p), min_pixels, max_pixels) for p in r.images)
+            rows.append({"split": split, "id": r.id, "task": r.task, "label": r.label,
+                         "n_images": len(r.images), "n_turns": len(r.turns),
+                         "chars": len(r.instruction), "dialogue_chars": len(r.dialogue_text),
+                         "text_tokens": nt, "visual_tokens": vis})
+    return pd.DataFrame(rows)

@@ -1,0 +1,86 @@
+"""Figures, always drawn from results files (tidy frames read from CSV), never from live state.
+
+Every function returns the matplotlib Figure; callers save it next to the results it
+was drawn from. Chinese labels render with the project's CJK font.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "inline")) else None
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .fonts import setup_matplotlib_cjk  # noqa: E402
+
+
+def style() -> None:
+    sns.set_theme(style="whitegrid", context="notebook")
+    setup_matplotlib_cjk()  # after set_theme, which resets the font list
+
+
+def label_counts(counts: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Bar charts of records per label, one panel per task, a hue per split.
+
+    ``counts``: columns split, task, label, n (see ``data.stats.label_counts``).
+    """
+    style()
+    tasks = list(dict.fromkeys(counts["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        sub = counts[counts["task"] == task]
+        sns.barplot(data=sub, y="label", x="n", hue="split", ax=ax, orient="h")
+        ax.set_title(f"{task} task: records per label")
+        ax.set_xlabel("records")
+        ax.set_ylabel("")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def length_hists(lengths: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Histograms of text tokens, visual tokens and images per record, by task.
+
+    ``lengths``: columns task, text_tokens, visual_tokens, n_images (``data.stats.length_table``).
+    """
+    style()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for ax, col, xlabel in zip(axes, ["text_tokens", "visual_tokens", "n_images"],
+                               ["text tokens (Qwen2 BPE)", "visual tokens (all images)", "images"]):
+        discrete = col == "n_images"
+        sns.histplot(data=lengths, x=col, hue="task", ax=ax, element="step", discrete=discrete,
+                     bins="auto" if discrete else 30)
+        ax.set_xlabel(xlabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def gallery(items: Sequence[tuple[Path, str]], ncols: int = 4, title: str = "") -> plt.Figure:
+    """A grid of images with captions; ``items`` are (image path, caption)."""
+    from PIL import Image
+
+    style()
+    nrows = max(1, -(-len(items) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (path, caption) in zip(axes.flat, items):
+        with Image.open(path) as im:
+            ax.imshow(im.convert("RGB"))
+        ax.set_title(caption, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path

@@ -1,0 +1,82 @@
+"""The first code cell of every run notebook: resolve the profile, find and load the data,
+open the results folder. Keeps the notebooks free of set-up code (and of copies of it).
+
+    S = session.start("01_seesaw", profile=PROFILE, data_dir=DATA_DIR, seed=SEED, smoke=SMOKE,
+                      results_dir=RESULTS_DIR, test_files=TEST_FILES)
+    ...
+    S.finish(rows)   # metrics.csv + run.json
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import Profile, resolve
+from .data.mire import MireData
+from .data.source import DataSource, load_source, resolve_data
+from .results import RunLog, fingerprint, run_dir, write_metrics
+
+
+@dataclass
+class Session:
+    experiment: str
+    cfg: Profile
+    src: DataSource
+    data: MireData
+    out: Path  # results/<profile>/<data>/<experiment>
+    results_root: Path
+    seed: int
+    smoke: bool
+    log: RunLog
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """What produced the numbers: shown under every table and figure."""
+        return (f"profile={self.cfg.name}, data={self.src.tag}"
+                f"{' (synthetic generator)' if self.src.synthetic else ''}, seed={self.seed}"
+                f"{', SMOKE' if self.smoke else ''}")
+
+    def upstream(self, experiment: str) -> Path:
+        """Results folder of an earlier notebook for the same profile and data."""
+        p = self.results_root / self.cfg.name / self.src.tag / experiment
+        if not (p / "run.json").is_file():
+            raise FileNotFoundError(f"{p}/run.json not found: run notebook {experiment} first "
+                                    f"(make reproduce does it in order)")
+        return p
+
+    def finish(self, rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+        df = write_metrics(rows, self.out / "metrics.csv")
+        self.log.extra.update(self.extra)
+        self.log.write(self.out / "run.json")
+        return df
+
+
+def start(experiment: str, *, profile: str, data_dir: str | None, seed: int, smoke: bool,
+          results_dir: str | Path, test_files: Sequence[str] | None = None,
+          overrides: Mapping[str, Any] | None = None) -> Session:
+    """Resolve config and data for a notebook run; seeds Python's RNG; opens the run folder."""
+    overrides = dict(overrides or {})
+    cfg = resolve(profile, **overrides)
+    random.seed(seed)
+    src = resolve_data(data_dir, seed=seed, smoke=smoke)
+    data = load_source(src, test_files=list(test_files) if test_files else None)
+    if not data.tests:
+        raise FileNotFoundError(f"{src.root}: no test*.json split (give TEST_FILES or add one)")
+    root = Path(results_dir).expanduser().resolve()
+    out = run_dir(root, cfg.name, src.tag, experiment)
+    files = [src.root / "train.json", *[src.root / f"{t}.json" for t in data.tests
+                                         if (src.root / f"{t}.json").is_file()]]
+    log = RunLog(experiment=experiment, config=cfg.to_dict(), data_dir=str(src.root),
+                 data_fingerprint=fingerprint(files),
+                 extra={"seed": seed, "smoke": smoke, "data_tag": src.tag,
+                        "synthetic": src.synthetic, "overrides": overrides,
+                        "test_splits": list(data.tests)})
+    return Session(experiment=experiment, cfg=cfg, src=src, data=data, out=out,
+                   results_root=root, seed=seed, smoke=smoke, log=log)
