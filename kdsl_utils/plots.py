@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "inline")) else None
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -84,3 +85,52 @@ def save(fig: plt.Figure, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def seesaw(metrics: pd.DataFrame, metric: str = "weighted_f1", title: str = "") -> plt.Figure:
+    """The paper's Figure 1 analogue: single-task vs joint fine-tune, per task and test split.
+
+    ``metrics``: tidy rows (metrics.csv) with variants ``image``, ``intent``, ``joint``;
+    bars are means over seeds, error bars their standard deviation (none for one seed).
+    """
+    style()
+    m = metrics[(metrics.metric == metric) & metrics.task.isin(["image", "intent"])
+                & metrics.variant.isin(["image", "intent", "joint"])].copy()
+    m["training"] = np.where(m.variant == "joint", "joint (both tasks)", "single task")
+    splits = sorted(m.split.unique())
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.2), squeeze=False,
+                             sharey=True)
+    for ax, split in zip(axes[0], splits):
+        sub = m[m.split == split]
+        sns.barplot(data=sub, x="task", y="value", hue="training", order=["image", "intent"],
+                    hue_order=["single task", "joint (both tasks)"], errorbar="sd", capsize=0.1,
+                    ax=ax)
+        for c in ax.containers:
+            ax.bar_label(c, fmt="%.3f", padding=2, fontsize=8)
+        n_seeds = sub.seed.nunique()
+        ax.set_title(f"{split} · {n_seeds} seed{'s' if n_seeds > 1 else ''}")
+        ax.set_xlabel("task")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_ylim(0, 1.05)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def interference(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Per-layer interference statistics (see ``kdsl_utils.interference``), mean ± sd over seeds.
+
+    ``table``: columns layer, seed, cos_img_int, r2_img, r2_int, r2_both.
+    """
+    style()
+    cols = ["cos_img_int", "r2_img", "r2_int", "r2_both"]
+    long = table.melt(id_vars=["layer", "seed"], value_vars=cols, var_name="statistic")
+    layers = list(dict.fromkeys(table.layer))
+    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(layers) * 2), 4.5))
+    sns.barplot(data=long, x="layer", y="value", hue="statistic", order=layers, errorbar="sd", ax=ax)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("cosine / share of joint update explained")
+    ax.tick_params(axis="x", rotation=60)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -4,7 +4,8 @@ open the results folder. Keeps the notebooks free of set-up code (and of copies 
     S = session.start("01_seesaw", profile=PROFILE, data_dir=DATA_DIR, seed=SEED, smoke=SMOKE,
                       results_dir=RESULTS_DIR, test_files=TEST_FILES)
     ...
-    S.finish(rows)   # metrics.csv + run.json
+    S.save_metrics(rows)   # metrics.csv
+    S.finish()             # run.json, last
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ class Session:
                                     f"(make reproduce does it in order)")
         return p
 
-    def finish(self, rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
-        df = write_metrics(rows, self.out / "metrics.csv")
+    def save_metrics(self, rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+        """Write ``metrics.csv`` (tidy schema, checked) and return it as written."""
+        return write_metrics(rows, self.out / "metrics.csv")
+
+    def finish(self) -> dict[str, Any]:
+        """Write ``run.json`` — last: it is the Makefile's target, so it marks a complete run."""
+        if not (self.out / "metrics.csv").is_file():
+            raise RuntimeError(f"{self.out}: save_metrics() before finish()")
         self.log.extra.update(self.extra)
-        self.log.write(self.out / "run.json")
-        return df
+        return self.log.write(self.out / "run.json")
 
 
 def start(experiment: str, *, profile: str, data_dir: str | None, seed: int, smoke: bool,

@@ -1,0 +1,107 @@
+"""The seesaw experiment (notebook 01; the paper's Figure 1).
+
+Same base model, same hyper-parameters, three fine-tunes per seed — image-only,
+intent-only, joint — each evaluated on the held-out split(s) of its task(s). Beside the
+three mixes we score ``single_pair``: the image-only model on image records and the
+intent-only model on intent records, i.e. two specialists, which has a pooled score
+comparable to the joint model's.
+
+Outputs are tidy: a predictions frame (one row per seed × mix × split × record) from
+which every metric is computed, and the weight updates of each run for
+:mod:`kdsl_utils.interference`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .config import Profile
+from .data.labels import ALL_LABELS
+from .data.records import Record
+from .metrics import metric_rows
+from .models.base import MIXES, Predictions, mix_tasks, select_mix
+
+
+def make_backend(cfg: Profile, **kwargs):
+    """The backend of a profile: ``mini`` → MiniBackend, else the Qwen2-VL backend."""
+    if cfg.backend == "mini":
+        from .models.mini import MiniBackend
+
+        return MiniBackend(cfg, **kwargs)
+    from .models.qwen_vl import QwenVLBackend
+
+    return QwenVLBackend(cfg, **kwargs)
+
+
+def predictions_frame(preds: Predictions, records: Sequence[Record], **keys) -> pd.DataFrame:
+    """One row per record: ``keys`` columns, id, task, label, pred, p_pred (its probability),
+    p_label (probability of the true label)."""
+    gold = {r.id: r.label for r in records}
+    cols = {lab: i for i, lab in enumerate(ALL_LABELS)}
+    pred = preds.pred
+    rows = []
+    for i, (rid, task) in enumerate(zip(preds.ids, preds.tasks)):
+        lab = gold[rid]
+        rows.append({**keys, "id": rid, "task": task, "label": lab, "pred": pred[i],
+                     "p_pred": float(preds.proba[i].max()),
+                     "p_label": float(preds.proba[i, cols[lab]]) if lab is not None else np.nan})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class SeesawRun:
+    predictions: pd.DataFrame  # seed, variant, split, id, task, label, pred, p_pred, p_label
+    fits: pd.DataFrame  # seed, variant, n_train, fit_seconds, predict_seconds, final_loss
+    deltas: dict[tuple[int, str], Mapping[str, np.ndarray]] = field(default_factory=dict)
+
+
+def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequence[Record]], *,
+               seeds: Sequence[int], mixes: Sequence[str] = MIXES, work_dir: Path | None = None,
+               backend_kwargs: Mapping | None = None) -> SeesawRun:
+    """Fit every mix for every seed on ``train`` and predict the matching test records."""
+    preds, fits, deltas = [], [], {}
+    jobs = [(s, m) for s in seeds for m in mixes]
+    for seed, mix in tqdm(jobs, desc="seesaw fits", unit="fit"):
+        backend = make_backend(cfg, **dict(backend_kwargs or {}))
+        t0 = time.time()
+        log = backend.fit(select_mix(train, mix), mix=mix, seed=seed,
+                          out_dir=None if work_dir is None else Path(work_dir) / f"seed{seed}-{mix}")
+        t_fit = time.time() - t0
+        t0 = time.time()
+        for split, recs in tests.items():
+            recs = [r for r in recs if r.task in mix_tasks(mix)]
+            preds.append(predictions_frame(backend.predict_proba(recs), recs,
+                                           seed=seed, variant=mix, split=split))
+        losses = log.get("losses") or log.get("loss_curve") or []
+        fits.append({"seed": seed, "variant": mix, "n_train": len(select_mix(train, mix)),
+                     "fit_seconds": round(t_fit, 2), "predict_seconds": round(time.time() - t0, 2),
+                     "final_loss": float(losses[-1]) if len(losses) else np.nan})
+        deltas[(seed, mix)] = backend.update_delta()
+    pred = pd.concat(preds, ignore_index=True)
+    pair = pred[((pred.variant == "image") & (pred.task == "image"))
+                | ((pred.variant == "intent") & (pred.task == "intent"))].assign(variant="single_pair")
+    if set(mixes) >= {"image", "intent"}:
+        pred = pd.concat([pred, pair], ignore_index=True)
+    return SeesawRun(predictions=pred, fits=pd.DataFrame(fits), deltas=deltas)
+
+
+def metrics_from_predictions(pred: pd.DataFrame, experiment: str) -> pd.DataFrame:
+    """Tidy metric rows for every (variant, seed, split) group of a predictions frame.
+
+    Single-task variants get only their task's rows (their ``pooled`` row equals the task's
+    and is dropped to avoid reading it as a pooled score)."""
+    rows = []
+    for (variant, seed, split), g in pred.groupby(["variant", "seed", "split"], sort=True):
+        r = metric_rows(list(g["label"]), list(g["pred"]), list(g["task"]), experiment=experiment,
+                        variant=variant, seed=int(seed), split=split)
+        if g["task"].nunique() == 1:
+            r = [x for x in r if x["task"] != "pooled"]
+        rows += r
+    return pd.DataFrame(rows)
