@@ -15,7 +15,7 @@ that synthetic images are byte-identical across machines only with the same font
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 FONT_PACKAGE = "noto-cjk-sans-otc"
@@ -49,7 +49,7 @@ def cjk_font_path() -> Path:
     return p
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sc_face_index(path: str) -> int:
     """Index of the Simplified Chinese face in a font collection (0 for a single font)."""
     from PIL import ImageFont
@@ -73,7 +73,10 @@ def cjk_font(size: int):
     from PIL import ImageFont
 
     path = str(cjk_font_path())
-    return ImageFont.truetype(path, int(size), index=_sc_face_index(path))
+    # BASIC layout: no dependency on libraqm being present, so the same glyph placement (and
+    # the same synthetic image bytes) wherever Pillow runs; CJK needs no complex shaping.
+    return ImageFont.truetype(path, int(size), index=_sc_face_index(path),
+                              layout_engine=ImageFont.Layout.BASIC)
 
 
 def cjk_family_name() -> str:

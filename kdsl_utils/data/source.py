@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .mire import MireData, find_test_files, load_mire
+from .mire import MireData, load_mire
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Synthetic sizes: records per label in train and in each test split.
@@ -36,20 +37,26 @@ def resolve_data(data_dir: str | Path | None, *, seed: int = 0, smoke: bool = Fa
             raise FileNotFoundError(f"DATA_DIR={data_dir!s}: no train.json there (a MIRE directory "
                                     "holds train.json, test*.json and images/)")
         return DataSource(root=root, tag=root.name, synthetic=False)
-    from .synth import generate_mire
+    from .synth import PARAMS_FILE, generate_mire, synth_params
 
     size = "smoke" if smoke else "full"
     per_label, test_per_label = SYNTH_SIZES[size]
     root = Path(cache_root or REPO_ROOT / "data") / f"synthetic-{size}-seed{seed}"
-    if not ((root / "train.json").is_file() and find_test_files(root)):
-        # Write beside, then rename: a crash never leaves a half dataset to reuse, and two
-        # processes generating at once (parallel tests) both end with one complete copy.
+    want = synth_params(seed=seed, per_label=per_label, test_per_label=test_per_label)
+    stamp = root / PARAMS_FILE
+    if not (stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == want):
+        # Missing, or made by another generator version: (re)generate beside, then swap. A
+        # crash never leaves a half dataset to reuse, and two processes generating at once
+        # (parallel tests) both end with one complete copy.
         tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        generate_mire(tmp, seed=seed, per_label=per_label, test_per_label=test_per_label)
+        generate_mire(tmp, seed=seed, per_label=per_label, test_per_label=test_per_label,
+                      progress=not smoke)
+        if root.exists():
+            shutil.rmtree(root, ignore_errors=True)
         try:
             tmp.rename(root)
-        except OSError:  # another process finished first (same seed: same bytes)
+        except OSError:  # another process finished first (same parameters: same bytes)
             shutil.rmtree(tmp, ignore_errors=True)
     return DataSource(root=root, tag="synthetic" if size == "full" else "synthetic-smoke", synthetic=True)
 
