@@ -41,6 +41,7 @@ class ModelCfg:
     max_pixels: int = 768 * 28 * 28  # visual tokens per image <= max_pixels / 28**2
     max_length: int = 4096  # tokens per training sequence, images included
     attn_implementation: str = "sdpa"
+    length_norm: str = "sum"  # label scoring: "sum" (sequence log-prob) | "mean" (per token)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class TrainCfg:
     max_steps: int = -1  # > 0 caps training (smoke runs)
     gradient_checkpointing: bool = True
     eval_batch_size: int = 4
+    lr_scheduler: str = "cosine"
+    save_steps: int = 200  # checkpoint every N optimizer steps when an out_dir is given
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class MiniCfg:
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     dropout: float = 0.2
+    batch_size: int = 32
     workers: int = 2  # processes for OCR
 
 
@@ -83,6 +87,7 @@ class RulesCfg:
     depth: int = 5
     iterations: int = 30
     precision_threshold: float = 0.8
+    holdout_fraction: float = 0.3  # share of the dev fold kept out of the search (overfit check)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 A rule (DESIGN.md, method point 3) is a JSON object::
 
     {"id": "r1", "task": "intent", "label": "商品材质",
-     "conditions": [{"field": "user_text", "op": "keyword_any", "value": ["材质", "什么材料"]},
+     "conditions": [{"field": "user_text", "op": "keyword_any", "value": ["材质", "材料"]},
                     {"field": "image_count", "op": "ge", "value": 1, "negate": true}],
      "rationale": "asks what the product is made of",
      "stats": {"support": 12, "precision": 0.92, "fold": "train"},
@@ -30,6 +30,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,19 @@ RULEBASE_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+
+
+def rulebase_json_schema() -> dict[str, Any]:
+    """The complete JSON schema of a rule-base file (rule schema inlined), e.g. for docs or
+    for writing next to a rule base. Semantic checks (labels, regexes, field/operator
+    agreement) are beyond JSON schema and live in ``check_rule``."""
+    full = json.loads(json.dumps(RULEBASE_SCHEMA))
+    full["properties"]["rules"]["items"] = json.loads(json.dumps(RULE_SCHEMA))
+    full["properties"]["schema_version"]["enum"] = list(SUPPORTED_VERSIONS)
+    full["title"] = "KDSL rule base"
+    return full
+
+
 _RULE_VALIDATOR = jsonschema.Draft202012Validator(RULE_SCHEMA)
 _BASE_VALIDATOR = jsonschema.Draft202012Validator(RULEBASE_SCHEMA)
 
@@ -188,7 +202,7 @@ class Rule:
     stats: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     provenance: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
-    @property
+    @cached_property
     def key(self) -> tuple:
         """Identity of what the rule does (task, label, conditions), ignoring id and stats."""
         return (self.task, self.label, tuple(sorted((c.key for c in self.conditions), key=repr)))
