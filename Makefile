@@ -51,7 +51,8 @@ banner:
 reproduce: banner $(STAMP) ## run the numbered notebooks in order (results/, products/)
 	@$(MAKE) --no-print-directory $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json) \
 	  PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(TEST_FILES)'
-	@echo "[kdsl] done: results in $(RESULTS), rendered notebooks in $(PRODUCTS)"
+	@$(MAKE) --no-print-directory figures
+	@echo "[kdsl] done: results in $(RESULTS), rendered notebooks in $(PRODUCTS), figures in figures/"
 
 # Notebook NN depends on the one before it (and so on all earlier ones: their results are its inputs).
 define NOTEBOOK_RULE
@@ -66,8 +67,8 @@ test: $(STAMP) ## run the test suite (unit tests + notebook smoke runs)
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 figures: $(STAMP) ## regenerate figures and the README results section from results files
-	@if [ -f notebooks/90_report.ipynb ]; then $(PY) -m kdsl_utils.notebooks 90_report --out products/report -p RESULTS_DIR $(CURDIR)/results; \
-	 else echo "[kdsl] notebooks/90_report.ipynb does not exist yet"; fi
+	$(PY) -m kdsl_utils.notebooks 90_report --out products/report -p RESULTS_DIR $(CURDIR)/results \
+	  -p FIGURES_DIR $(CURDIR)/figures -p README $(CURDIR)/README.md
 
 lint: $(STAMP) ## ruff over the package and tests
 	$(PY) -m pip install -q ruff==0.17.5 && $(PY) -m ruff check kdsl_utils tests benchmarks

@@ -134,3 +134,22 @@ def interference(table: pd.DataFrame, title: str = "") -> plt.Figure:
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def search_curve(iterations: pd.DataFrame, title: str = "") -> plt.Figure:
+    """MCTS progress: each iteration's leaf reward and the best reward so far.
+
+    ``iterations``: columns iteration, value (reward of the leaf reached), best_reward.
+    """
+    style()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(iterations["iteration"], iterations["value"], "o", ms=3, alpha=0.6,
+            label="leaf reward of the iteration")
+    ax.step(iterations["iteration"], iterations["best_reward"], where="post", lw=2,
+            label="best rule set so far")
+    ax.set_xlabel("MCTS iteration")
+    ax.set_ylabel("dev-search weighted F1 (model + rules)")
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -105,3 +105,14 @@ def metrics_from_predictions(pred: pd.DataFrame, experiment: str) -> pd.DataFram
             r = [x for x in r if x["task"] != "pooled"]
         rows += r
     return pd.DataFrame(rows)
+
+
+def load_backend(cfg: Profile, path: Path):
+    """A backend saved by ``backend.save(path)``, for the profile's backend type."""
+    if cfg.backend == "mini":
+        from .models.mini import MiniBackend
+
+        return MiniBackend.load(path, cfg)
+    from .models.qwen_vl import QwenVLBackend
+
+    return QwenVLBackend.load(path, cfg)

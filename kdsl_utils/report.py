@@ -1,0 +1,129 @@
+"""Result tables and the generated README section (notebooks 03 and 90).
+
+Everything here reads tidy metric frames (``metrics.csv``); nothing trains or predicts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .metrics import bootstrap_ci
+
+#: Display names and order of the results table's rows (variant → name). Variants of
+#: notebook 01 carry the prefix ``01:``.
+ROWS = {
+    "zero_shot": "Zero-shot large model",
+    "01:joint": "Joint fine-tune, full train (challenge baseline recipe)",
+    "01:single_pair": "Single-task fine-tunes (two specialists)",
+    "model": "Joint fine-tune, train minus dev fold (KDSL's large model)",
+    "rules_only[mcts]": "Rules only (MCTS rule base)",
+    "kdsl": "KDSL: fine-tuned model + MCTS rules (strategy chosen on dev)",
+    "kdsl[top_n]": "Ablation: no MCTS (top-N proposed rules, same budget)",
+}
+PAPER_GAINS = {"test1": 6.37, "test2": 6.28}  # the paper's online weighted-F1 gains (points)
+_MARK = ("<!-- results:start -->", "<!-- results:end -->")
+
+
+def ci_rows(y_true: Sequence[str], y_pred: Sequence[str], tasks: Sequence[str], *,
+            n_boot: int = 1000, boot_seed: int = 0, **ids: Any) -> list[dict[str, Any]]:
+    """Bootstrap 95% CI bounds of pooled and per-task weighted F1 as tidy rows
+    (metrics ``weighted_f1_lo`` / ``weighted_f1_hi``); ``ids`` fill the other columns."""
+    ci = bootstrap_ci(y_true, y_pred, tasks, n_boot=n_boot, seed=boot_seed)
+    rows = []
+    for _, r in ci[ci.metric.str.endswith("weighted_f1")].iterrows():
+        task = "pooled" if r.metric == "weighted_f1" else r.metric.split("_")[0]
+        for bound in ("lo", "hi"):
+            rows.append({**ids, "task": task, "metric": f"weighted_f1_{bound}", "value": r[bound]})
+    return rows
+
+
+def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None) -> pd.DataFrame:
+    """Wide table: one row per variant (display name), columns ``split/task`` holding
+    ``mean [lo, hi]`` of weighted F1 (mean over seeds; CI of the first seed when present),
+    plus the number of seeds."""
+    rows = rows or ROWS
+    wf1 = metrics[metrics.metric == "weighted_f1"]
+    out = []
+    for variant, name in rows.items():
+        g = wf1[wf1.variant == variant]
+        if g.empty:
+            continue
+        rec: dict[str, Any] = {"row": name, "seeds": g.seed.nunique()}
+        for (split, task), gg in g.groupby(["split", "task"]):
+            cell = f"{gg.value.mean():.4f}"
+            lo = metrics[(metrics.variant == variant) & (metrics.split == split)
+                         & (metrics.task == task) & (metrics.metric == "weighted_f1_lo")]
+            hi = metrics[(metrics.variant == variant) & (metrics.split == split)
+                         & (metrics.task == task) & (metrics.metric == "weighted_f1_hi")]
+            if len(lo) and len(hi):
+                cell += f" [{lo.value.iloc[0]:.3f}, {hi.value.iloc[0]:.3f}]"
+            rec[f"{split} · {task}"] = cell
+        out.append(rec)
+    table = pd.DataFrame(out)
+    cols = ["row", "seeds"] + sorted(c for c in table.columns if c not in ("row", "seeds"))
+    return table[cols] if len(table) else table
+
+
+def gains_vs_paper(metrics: pd.DataFrame, ours: str = "kdsl", base: str = "model") -> pd.DataFrame:
+    """Pooled weighted-F1 gain of KDSL over its own large model, in points, per test split,
+    beside the paper's reported gain over its state of the art."""
+    wf1 = metrics[(metrics.metric == "weighted_f1") & (metrics.task == "pooled")]
+    out = []
+    for split in sorted(wf1.split.unique()):
+        a = wf1[(wf1.variant == ours) & (wf1.split == split)].value.mean()
+        b = wf1[(wf1.variant == base) & (wf1.split == split)].value.mean()
+        out.append({"split": split, "ours: KDSL − its large model (points)": round(100 * (a - b), 2),
+                    "paper: KDSL − state of the art (points)": PAPER_GAINS.get(split)})
+    return pd.DataFrame(out)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub table without the tabulate dependency."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in r.values) + " |")
+    return "\n".join(lines)
+
+
+def write_readme_section(readme: Path | str, body: str) -> bool:
+    """Replace the text between the results markers of ``readme``; True if it changed."""
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    start, end = _MARK
+    if start not in text or end not in text:
+        raise ValueError(f"{path}: results markers {start} / {end} not found")
+    new = re.sub(re.escape(start) + r".*?" + re.escape(end),
+                 lambda _: f"{start}\n{body.strip()}\n{end}", text, flags=re.S)
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def find_runs(results_root: Path | str, include_smoke: bool = False) -> pd.DataFrame:
+    """Every finished run under ``results_root``: profile, data, experiment, path (a run is
+    finished when its ``run.json`` exists)."""
+    root = Path(results_root)
+    rows = []
+    for rj in sorted(root.glob("*/*/*/run.json")):
+        exp_dir = rj.parent
+        data, profile = exp_dir.parent.name, exp_dir.parent.parent.name
+        if data.endswith("-smoke") and not include_smoke:
+            continue
+        rows.append({"profile": profile, "data": data, "experiment": exp_dir.name, "path": exp_dir})
+    return pd.DataFrame(rows, columns=["profile", "data", "experiment", "path"])
+
+
+def seesaw_gain(metrics01: pd.DataFrame) -> pd.DataFrame:
+    """Joint minus single-task weighted F1 per split and task (mean over seeds)."""
+    w = metrics01[(metrics01.metric == "weighted_f1") & metrics01.task.isin(["image", "intent"])]
+    single = w[w.variant.isin(["image", "intent"])].groupby(["split", "task"]).value.mean()
+    joint = w[w.variant == "joint"].groupby(["split", "task"]).value.mean()
+    n = w.groupby(["split", "task"]).seed.nunique()
+    return pd.DataFrame({"single-task": single.round(4), "joint": joint.round(4),
+                         "joint − single": (joint - single).round(4), "seeds": n}).reset_index()
