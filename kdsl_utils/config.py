@@ -119,7 +119,8 @@ def _base(name: str) -> Profile:
             model=ModelCfg(large="tiny", small="tiny", dtype="float32", lora_r=4, lora_alpha=8,
                            min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, max_length=1024,
                            attn_implementation="eager"),
-            train=TrainCfg(epochs=1.0, learning_rate=5e-3, batch_size=2, grad_accum=1,
+            train=TrainCfg(epochs=1.0, learning_rate=2e-2, batch_size=2, grad_accum=1, warmup_ratio=0.0,
+                           lr_scheduler="constant",
                            max_steps=8, gradient_checkpointing=False, eval_batch_size=4),
             rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2),
         )
