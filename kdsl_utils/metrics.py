@@ -78,6 +78,16 @@ def weighted_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     return _weighted(*_per_class(t, p, len(labels)))
 
 
+def weighted_f1_idx(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int = len(ALL_LABELS)) -> float:
+    """:func:`weighted_f1` on label indices (the hot path of rule search); a prediction of
+    -1 ("no label") counts as wrong."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if len(y_true) == 0:
+        return 0.0
+    y_pred = np.where(y_pred < 0, n_labels, y_pred)  # slot n_labels collects "no label"
+    return _weighted(*_per_class(y_true, y_pred, n_labels + 1))
+
+
 def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     """``f1_score(average="macro")`` over the labels in ``y_true`` or ``y_pred``."""
     t, p, labels = _encode(y_true, y_pred)

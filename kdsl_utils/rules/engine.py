@@ -348,23 +348,11 @@ def make_override(precision_threshold: float = 0.8, min_support: int = 1) -> Com
 
 
 def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int = len(ALL_LABELS)) -> float:
-    """``sklearn.metrics.f1_score(y_true, y_pred, average="weighted")`` on label indices, fast.
+    """``sklearn.metrics.f1_score(y_true, y_pred, average="weighted")`` on label indices, fast
+    (:func:`kdsl_utils.metrics.weighted_f1_idx`); predictions of -1 count as wrong."""
+    from ..metrics import weighted_f1_idx
 
-    Classes absent from ``y_true`` have weight 0 and classes never predicted score 0, exactly
-    as in sklearn (zero_division=0); predictions of -1 count as wrong.
-    """
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    if len(y_true) == 0:
-        return 0.0
-    m = n_labels + 1  # slot n_labels collects -1 ("no label") predictions
-    yp = np.where(y_pred < 0, n_labels, y_pred)
-    true_c = np.bincount(y_true, minlength=m)
-    pred_c = np.bincount(yp, minlength=m)
-    tp = np.bincount(y_true[y_true == yp], minlength=m)
-    denom = true_c + pred_c
-    f1 = np.divide(2 * tp, denom, out=np.zeros(m, dtype=float), where=denom > 0)
-    return float((f1 * true_c).sum() / true_c.sum())
+    return weighted_f1_idx(y_true, y_pred, n_labels)
 
 
 # --------------------------------------------------------------------------------------------
