@@ -18,23 +18,29 @@ TORCH_PIN := torch==2.13.0
 DATA_DIR ?=
 SEED ?= 0
 TEST_FILES ?=
+SMOKE ?= false
+RESULTS_ROOT ?= results
+PRODUCTS_ROOT ?= products
 # Profile: PROFILE=... wins; else paper where CUDA is visible, mini elsewhere (decided once per make run).
 PROFILE ?= $(shell if [ -x $(PY) ]; then $(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'mini')" 2>/dev/null || echo mini; \
   elif nvidia-smi -L >/dev/null 2>&1; then echo paper; else echo mini; fi)
 DATA_TAG := $(if $(DATA_DIR),$(notdir $(abspath $(DATA_DIR))),synthetic)
-RESULTS := results/$(PROFILE)/$(DATA_TAG)
-PRODUCTS := products/$(PROFILE)/$(DATA_TAG)
+DATA_TAG := $(DATA_TAG)$(if $(filter true,$(SMOKE)),$(if $(DATA_DIR),,-smoke),)
+RESULTS := $(RESULTS_ROOT)/$(PROFILE)/$(DATA_TAG)
+PRODUCTS := $(PRODUCTS_ROOT)/$(PROFILE)/$(DATA_TAG)
 PKG_SRC := $(shell find kdsl_utils -name '*.py' -o -name '*.json' 2>/dev/null) pyproject.toml
 DATA_FILES := $(if $(DATA_DIR),$(wildcard $(DATA_DIR)/*.json),)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-8]*.ipynb))))
 NB_PARAMS = -p PROFILE $(PROFILE) -p DATA_DIR "$(if $(DATA_DIR),$(abspath $(DATA_DIR)),)" -p SEED $(SEED) \
-            -p RESULTS_DIR $(CURDIR)/results $(if $(TEST_FILES),-p TEST_FILES '$(TEST_FILES)',)
+            -p SMOKE $(SMOKE) -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) $(if $(TEST_FILES),-p TEST_FILES '$(TEST_FILES)',)
+RUN_ARGS = PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(TEST_FILES)' SMOKE=$(SMOKE) \
+           RESULTS_ROOT=$(RESULTS_ROOT) PRODUCTS_ROOT=$(PRODUCTS_ROOT)
 
-.PHONY: help setup reproduce test figures lint clean banner
+.PHONY: help setup reproduce notebooks test figures lint clean banner
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'"
+	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true"
 
 setup: $(STAMP) ## create .venv with the pinned packages
 
@@ -48,11 +54,12 @@ $(STAMP): pyproject.toml
 banner:
 	@echo "[kdsl] profile=$(PROFILE) data=$(if $(DATA_DIR),$(abspath $(DATA_DIR)),synthetic (built-in generator)) seed=$(SEED) -> $(RESULTS)"
 
-reproduce: banner $(STAMP) ## run the numbered notebooks in order (results/, products/)
-	@$(MAKE) --no-print-directory $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json) \
-	  PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(TEST_FILES)'
+reproduce: banner $(STAMP) ## run the numbered notebooks in order (results/, products/), then the report
+	@$(MAKE) --no-print-directory notebooks $(RUN_ARGS)
 	@$(MAKE) --no-print-directory figures
 	@echo "[kdsl] done: results in $(RESULTS), rendered notebooks in $(PRODUCTS), figures in figures/"
+
+notebooks: $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json) ## only the run notebooks whose inputs changed
 
 # Notebook NN depends on the one before it (and so on all earlier ones: their results are its inputs).
 define NOTEBOOK_RULE
@@ -67,7 +74,7 @@ test: $(STAMP) ## run the test suite (unit tests + notebook smoke runs)
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 figures: $(STAMP) ## regenerate figures and the README results section from results files
-	$(PY) -m kdsl_utils.notebooks 90_report --out products/report -p RESULTS_DIR $(CURDIR)/results \
+	$(PY) -m kdsl_utils.notebooks 90_report --out $(PRODUCTS_ROOT)/report -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) \
 	  -p FIGURES_DIR $(CURDIR)/figures -p README $(CURDIR)/README.md
 
 lint: $(STAMP) ## ruff over the package and tests
