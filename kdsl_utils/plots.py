@@ -129,6 +129,7 @@ def interference(table: pd.DataFrame, title: str = "") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(layers) * 2), 4.5))
     sns.barplot(data=long, x="layer", y="value", hue="statistic", order=layers, errorbar="sd", ax=ax)
     ax.axhline(0, color="k", lw=0.8)
+    ax.legend(title="statistic", bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.set_ylabel("cosine / share of joint update explained")
     ax.tick_params(axis="x", rotation=60)
     ax.set_title(title)

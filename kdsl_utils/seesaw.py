@@ -71,7 +71,9 @@ def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequen
     for seed, mix in tqdm(jobs, desc="seesaw fits", unit="fit"):
         backend = make_backend(cfg, **dict(backend_kwargs or {}))
         t0 = time.time()
-        log = backend.fit(select_mix(train, mix), mix=mix, seed=seed,
+        # The full list: the backend selects the mix itself, and fits its mix-independent
+        # parts (mini's featurizer) on all of it, so every mix shares one input space.
+        log = backend.fit(train, mix=mix, seed=seed,
                           out_dir=None if work_dir is None else Path(work_dir) / f"seed{seed}-{mix}")
         t_fit = time.time() - t0
         t0 = time.time()

@@ -50,6 +50,10 @@ class Predictions:
 
 
 class Backend(Protocol):
+    """``fit`` receives the whole training list and trains on ``select_mix(train, mix)``;
+    parts that do not depend on labels (tokenizer, featurizer) may use all of it, so that
+    the three task mixes share one input space and one initialisation per seed."""
+
     def fit(self, train: Sequence[Record], *, mix: str, seed: int,
             out_dir: Path | None = None) -> dict: ...
 

@@ -1,0 +1,450 @@
+"""The ``mini`` backend: frozen pretrained features + a small shared model trained on CPU.
+
+(Component choice and its measurements: see the section "Why these components" below.)
+
+Architecture
+------------
+Frozen, cached extractors (:mod:`kdsl_utils.features`) turn a record into
+
+- ``ocr``: the OCR text of its image(s) (RapidOCR PP-OCRv6) — for an intent record the text
+  of every image the customer sent;
+- ``dialog``: the customer's turns (``Record.user_text``; ``<image>`` and video/card blobs
+  replaced by marker characters) and, separately, the last customer turn;
+- ``image``: the mean EfficientNet-Lite0 embedding of its images (zero if none) plus a few
+  layout numbers per image (aspect ratio, number of text lines, text area, ...);
+- ``e5``: multilingual-e5-small embeddings of the dialogue text and of the OCR text
+  (only where ``MiniCfg.text_encoder``; see below).
+
+A *featurizer* fitted without labels on every training record of both tasks (so the input
+space is the same for every task mix) maps these to character n-gram TF-IDF blocks (sparse)
+and standardised dense blocks. On top sits the trainable model — the part that is
+"fine-tuned" per task mix::
+
+    x ─► trunk: EmbeddingBag(sparse n-grams) + Linear(dense) ─► GELU ─► dropout ─► h (hidden)
+    h ─► head: Linear(hidden, 48), logits outside the record's candidates set to -inf
+
+The trunk is **shared** by the two tasks; the head rows of one task's labels only receive
+gradient from that task's records (candidate masking), so the head is in effect per task.
+Image-only, intent-only and joint runs use identical hyper-parameters (``MiniCfg``), the
+same featurizer and, for the same seed, the same initial weights, which is what the
+interference analysis (:func:`shared_parameter_delta` + :mod:`kdsl_utils.interference`)
+needs. Training is full-precision AdamW with seeded mini-batches; on CPU it is
+bit-for-bit deterministic for a given seed and thread count.
+
+Why these components
+--------------------
+MEASUREMENTS_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import MiniCfg, Profile
+from ..data.labels import ALL_LABELS, TASKS
+from ..data.records import Record
+from ..features import (E5Embedder, EfficientNetEmbedder, FeatureCache, embed_images,
+                        embed_texts, ocr_images, ocr_text, torch_threads)
+from .base import Predictions, select_mix
+
+LABEL_INDEX = {lab: i for i, lab in enumerate(ALL_LABELS)}
+N_LAYOUT = 6
+_BLOB = re.compile(r"\{[^{}]*\}")
+
+
+# ------------------------------------------------------------------------ raw inputs
+
+
+def clean_dialog(text: str) -> str:
+    """Dialogue text for n-grams: inline images -> '▣', links -> '◎', JSON cards -> '▶'."""
+    text = _BLOB.sub("▶", text)
+    return text.replace("<image>", "▣").replace("<http>", "◎").strip()
+
+
+def layout_features(res: dict | None) -> np.ndarray:
+    """Per-image numbers from the OCR result: log aspect (h/w), log1p(lines), text area,
+    vertical centre and spread of the text, mean confidence."""
+    v = np.zeros(N_LAYOUT, dtype=np.float32)
+    if not res:
+        return v
+    v[0] = np.log(max(res["h"], 1) / max(res["w"], 1))
+    lines = res["lines"]
+    v[1] = np.log1p(len(lines))
+    if lines:
+        b = np.asarray([ln["box"] for ln in lines], dtype=np.float32)
+        v[2] = float(np.clip(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum(), 0, 1))
+        yc = (b[:, 1] + b[:, 3]) / 2
+        v[3], v[4] = float(yc.mean()), float(yc.std())
+        v[5] = float(np.mean([ln["score"] for ln in lines]))
+    return v
+
+
+@dataclass
+class RawInputs:
+    """What the frozen extractors give for a list of records (aligned lists / arrays)."""
+
+    ocr: list[str]
+    dialog: list[str]
+    last_turn: list[str]
+    image: np.ndarray  # (n, 1280) mean image embedding, zeros where disabled / no image
+    layout: np.ndarray  # (n, N_LAYOUT + 1) mean layout numbers + log1p(n_images)
+    e5_dialog: np.ndarray | None  # (n, 384)
+    e5_ocr: np.ndarray | None  # (n, 384)
+
+
+def extract_inputs(records: Sequence[Record], mcfg: MiniCfg, cache: FeatureCache, *,
+                   progress: bool = True) -> RawInputs:
+    """Run (or read from the cache) the frozen extractors that ``mcfg`` switches on."""
+    n = len(records)
+    paths = [p for r in records for p in r.images]
+    ocr_res: dict = {}
+    if mcfg.ocr and paths:
+        ocr_res = ocr_images(paths, cache, workers=mcfg.workers, progress=progress)
+    img = np.zeros((n, EfficientNetEmbedder.dim), dtype=np.float32)
+    if mcfg.image_encoder and paths:
+        emb = embed_images(paths, cache, extractor=EfficientNetEmbedder(),
+                           progress=progress)
+        k = 0
+        for i, r in enumerate(records):
+            if r.images:
+                img[i] = emb[k:k + len(r.images)].mean(axis=0)
+            k += len(r.images)
+    layout = np.zeros((n, N_LAYOUT + 1), dtype=np.float32)
+    ocr_txt = []
+    for i, r in enumerate(records):
+        res = [ocr_res.get(p) for p in r.images]
+        if res:
+            layout[i, :N_LAYOUT] = np.mean([layout_features(x) for x in res], axis=0)
+        layout[i, N_LAYOUT] = np.log1p(len(r.images))
+        ocr_txt.append("\n".join(ocr_text(x) for x in res if x))
+    dialog = [clean_dialog(r.user_text) for r in records]
+    last = [clean_dialog(r.last_user_turn) for r in records]
+    e5_d = e5_o = None
+    if mcfg.text_encoder:
+        e5 = E5Embedder()
+        e5_d = embed_texts(dialog, cache, extractor=e5, progress=progress)
+        e5_o = embed_texts(ocr_txt, cache, extractor=e5, progress=progress)
+        for arr, txt in ((e5_d, dialog), (e5_o, ocr_txt)):
+            arr[[not t.strip() for t in txt]] = 0.0  # no text: no embedding
+    return RawInputs(ocr_txt, dialog, last, img, layout, e5_d, e5_o)
+
+
+# ---------------------------------------------------------------------------- featurizer
+
+
+class Featurizer:
+    """Unsupervised, fitted once on all training records: TF-IDF vocabularies and the
+    standardisation of dense blocks. Output: a CSR matrix of n-gram weights and a dense
+    matrix, each block scaled to unit mean row norm."""
+
+    def __init__(self, ngram=(1, 3), min_df: int = 2, max_features: int = 40000):
+        self.ngram, self.min_df, self.max_features = ngram, min_df, max_features
+        self.vec: dict = {}
+        self.dense_stats: dict = {}
+
+    def _vectorizer(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        return TfidfVectorizer(analyzer="char_wb", ngram_range=self.ngram, min_df=self.min_df,
+                               max_features=self.max_features, sublinear_tf=True, lowercase=True)
+
+    @staticmethod
+    def _text_blocks(raw: RawInputs) -> dict[str, list[str]]:
+        return {"ocr": raw.ocr, "dialog": raw.dialog, "last": raw.last_turn}
+
+    @staticmethod
+    def _dense_blocks(raw: RawInputs) -> dict[str, np.ndarray]:
+        out = {"image": raw.image, "layout": raw.layout}
+        if raw.e5_dialog is not None:
+            out["e5_dialog"] = raw.e5_dialog
+            out["e5_ocr"] = raw.e5_ocr
+        return out
+
+    def fit(self, raw: RawInputs) -> Featurizer:
+        for name, texts in self._text_blocks(raw).items():
+            if any(t.strip() for t in texts):
+                v = self._vectorizer()
+                try:
+                    v.fit(texts)
+                except ValueError:  # too few documents for min_df: keep every n-gram
+                    v.set_params(min_df=1)
+                    v.fit(texts)
+                self.vec[name] = v
+        for name, x in self._dense_blocks(raw).items():
+            nz = np.abs(x).sum(axis=1) > 0  # rows without that input stay zero
+            if not nz.any():
+                continue
+            mu = x[nz].mean(axis=0)
+            sd = x[nz].std(axis=0) + 1e-6
+            z = (x[nz] - mu) / sd
+            scale = float(np.linalg.norm(z, axis=1).mean()) or 1.0
+            self.dense_stats[name] = (mu.astype(np.float32), sd.astype(np.float32), scale)
+        return self
+
+    @property
+    def n_sparse(self) -> int:
+        return sum(len(v.vocabulary_) for v in self.vec.values())
+
+    @property
+    def n_dense(self) -> int:
+        return sum(len(mu) for mu, _, _ in self.dense_stats.values())
+
+    def blocks(self, raw: RawInputs) -> dict:
+        """Each fitted block by name: sparse TF-IDF (CSR) or scaled dense array."""
+        out: dict = {}
+        texts = self._text_blocks(raw)
+        for name, v in self.vec.items():
+            out[name] = v.transform(texts[name]).astype(np.float32).tocsr()
+        dense = self._dense_blocks(raw)
+        for name, (mu, sd, scale) in self.dense_stats.items():
+            x = dense[name]
+            nz = (np.abs(x).sum(axis=1) > 0)[:, None]
+            out[name] = np.where(nz, (x - mu) / sd / scale, 0.0).astype(np.float32)
+        return out
+
+    def transform(self, raw: RawInputs):
+        """(CSR of all n-gram blocks, dense array of all dense blocks)."""
+        import scipy.sparse as sp
+
+        n = len(raw.ocr)
+        b = self.blocks(raw)
+        mats = [b[k] for k in self.vec]
+        xs = sp.hstack(mats, format="csr", dtype=np.float32) if mats else sp.csr_matrix((n, 0))
+        cols = [b[k] for k in self.dense_stats]
+        xd = np.concatenate(cols, axis=1) if cols else np.zeros((n, 0), np.float32)
+        return xs.tocsr(), xd
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def _build_model(n_sparse: int, n_dense: int, hidden: int, dropout: float):
+    import torch
+    from torch import nn
+
+    class SharedMLP(nn.Module):
+        """trunk (shared by both tasks) -> 48-way head masked to the candidates."""
+
+        def __init__(self):
+            super().__init__()
+            self.sparse = nn.EmbeddingBag(max(n_sparse, 1), hidden, mode="sum")
+            nn.init.normal_(self.sparse.weight, std=0.05)
+            self.dense = nn.Linear(max(n_dense, 1), hidden)
+            self.act = nn.GELU()
+            self.drop = nn.Dropout(dropout)
+            self.head = nn.Linear(hidden, len(ALL_LABELS))
+
+        def forward(self, idx, offsets, weights, dense, mask):
+            h = self.dense(dense)
+            if n_sparse:
+                h = h + self.sparse(idx, offsets, per_sample_weights=weights)
+            logits = self.head(self.drop(self.act(h)))
+            return logits.masked_fill(~mask, float("-inf"))
+
+    return SharedMLP()
+
+
+SHARED_PREFIXES = ("sparse.", "dense.")  # the trunk: every parameter both tasks train
+
+
+def _batch(xs, xd: np.ndarray, mask: np.ndarray, rows: np.ndarray):
+    import torch
+
+    sub = xs[rows]
+    idx = torch.from_numpy(sub.indices.astype(np.int64))
+    off = torch.from_numpy(sub.indptr[:-1].astype(np.int64))
+    w = torch.from_numpy(sub.data.astype(np.float32))
+    d = torch.from_numpy(xd[rows]) if xd.shape[1] else torch.zeros((len(rows), 1))
+    return idx, off, w, d, torch.from_numpy(mask[rows])
+
+
+def candidate_mask(records: Sequence[Record]) -> np.ndarray:
+    m = np.zeros((len(records), len(ALL_LABELS)), dtype=bool)
+    for i, r in enumerate(records):
+        for c in r.candidates:
+            m[i, LABEL_INDEX[c]] = True
+    return m
+
+
+class MiniBackend:
+    """CPU backend of the ``mini`` profile (implements :class:`~.base.Backend`)."""
+
+    name = "mini"
+
+    def __init__(self, cfg: Profile, cache_dir: str | Path | None = None, *,
+                 progress: bool = True):
+        self.cfg = cfg
+        self.mcfg: MiniCfg = cfg.mini
+        self.cache = FeatureCache(cache_dir)
+        self.progress = progress
+        self.featurizer: Featurizer | None = None
+        self.model = None
+        self.init_state: dict | None = None
+        self.meta: dict = {}
+
+    # -- features
+    def inputs(self, records: Sequence[Record]) -> RawInputs:
+        return extract_inputs(records, self.mcfg, self.cache, progress=self.progress)
+
+    def fit_featurizer(self, records: Sequence[Record]) -> Featurizer:
+        """Fit the (label-free) featurizer on ``records``; :meth:`fit` calls it on the full
+        training list when none is fitted yet, so every mix sees the same input space."""
+        self.featurizer = Featurizer().fit(self.inputs(records))
+        return self.featurizer
+
+    # -- training
+    def fit(self, train: Sequence[Record], *, mix: str, seed: int,
+            out_dir: Path | None = None) -> dict:
+        import torch
+
+        t0 = time.perf_counter()
+        if self.featurizer is None:
+            self.fit_featurizer(train)
+        recs = select_mix(train, mix)
+        if not recs:
+            raise ValueError(f"no training records for mix {mix!r}")
+        if any(r.label is None for r in recs):
+            raise ValueError("training records must be labelled")
+        xs, xd = self.featurizer.transform(self.inputs(recs))
+        mask = candidate_mask(recs)
+        y = torch.tensor([LABEL_INDEX[r.label] for r in recs])
+        t_feat = time.perf_counter() - t0
+        with torch_threads(1):
+            losses = self._train(xs, xd, mask, y, seed)
+        self.meta = {"mix": mix, "seed": seed, "n_train": len(recs),
+                     "n_by_task": {t: sum(r.task == t for r in recs) for t in TASKS},
+                     "n_sparse": self.featurizer.n_sparse, "n_dense": self.featurizer.n_dense,
+                     "n_params": sum(p.numel() for p in self.model.parameters())}
+        info = {**self.meta, "loss": losses, "wall_s": time.perf_counter() - t0,
+                "features_s": t_feat}
+        if out_dir is not None:
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "train_log.json").write_text(json.dumps(info, indent=1))
+            self.save(out_dir / "model")
+        return info
+
+    def _train(self, xs, xd, mask, y, seed: int) -> list[float]:
+        import torch
+
+        m = self.mcfg
+        torch.manual_seed(seed)
+        self.model = _build_model(self.featurizer.n_sparse, self.featurizer.n_dense,
+                                  m.hidden, m.dropout)
+        self.init_state = copy.deepcopy(self.model.state_dict())
+        opt = torch.optim.AdamW(self.model.parameters(), lr=m.learning_rate,
+                                weight_decay=m.weight_decay, fused=True)
+        gen = torch.Generator().manual_seed(seed)
+        n, bs = len(y), m.batch_size
+        losses = []
+        self.model.train()
+        for _ in range(m.epochs):
+            perm = torch.randperm(n, generator=gen).numpy()
+            tot = 0.0
+            for j in range(0, n, bs):
+                rows = perm[j:j + bs]
+                *xb, mb = _batch(xs, xd, mask, rows)
+                loss = torch.nn.functional.cross_entropy(self.model(*xb, mb), y[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += loss.item() * len(rows)
+            losses.append(tot / n)
+        self.model.eval()
+        return losses
+
+    # -- prediction
+    def predict_proba(self, records: Sequence[Record]) -> Predictions:
+        import torch
+
+        if self.model is None or self.featurizer is None:
+            raise RuntimeError("MiniBackend: fit() or load() first")
+        records = list(records)
+        xs, xd = self.featurizer.transform(self.inputs(records))
+        mask = candidate_mask(records)
+        out = np.zeros((len(records), len(ALL_LABELS)), dtype=np.float64)
+        with torch.inference_mode(), torch_threads(1):
+            for j in range(0, len(records), 256):
+                rows = np.arange(j, min(j + 256, len(records)))
+                *xb, mb = _batch(xs, xd, mask, rows)
+                p = torch.softmax(self.model(*xb, mb).double(), dim=1)
+                out[rows] = p.numpy()
+        return Predictions(ids=[r.id for r in records], tasks=[r.task for r in records],
+                           proba=out)
+
+    # -- persistence
+    def save(self, path: str | Path) -> None:
+        """A directory: ``model.pt`` (state dicts), ``featurizer.pkl``, ``meta.json``."""
+        import torch
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": self.model.state_dict(), "init": self.init_state},
+                   path / "model.pt")
+        with open(path / "featurizer.pkl", "wb") as fh:
+            pickle.dump(self.featurizer, fh)
+        (path / "meta.json").write_text(json.dumps(
+            {**self.meta, "mini_cfg": self.cfg.to_dict()["mini"]}, indent=1, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: Profile, cache_dir: str | Path | None = None, *,
+             progress: bool = True) -> MiniBackend:
+        import torch
+
+        path = Path(path)
+        self = cls(cfg, cache_dir, progress=progress)
+        meta = json.loads((path / "meta.json").read_text())
+        saved = meta.pop("mini_cfg", None)
+        if saved is not None and saved != cfg.to_dict()["mini"]:
+            diff = {k: (saved.get(k), v) for k, v in cfg.to_dict()["mini"].items()
+                    if saved.get(k) != v}
+            raise ValueError(f"{path}: saved with other MiniCfg settings (saved, given): {diff}")
+        with open(path / "featurizer.pkl", "rb") as fh:
+            self.featurizer = pickle.load(fh)
+        blob = torch.load(path / "model.pt", weights_only=True)
+        self.model = _build_model(self.featurizer.n_sparse, self.featurizer.n_dense,
+                                  self.mcfg.hidden, self.mcfg.dropout)
+        self.model.load_state_dict(blob["state"])
+        self.model.eval()
+        self.init_state = blob["init"]
+        self.meta = meta
+        return self
+
+    # -- interference analysis
+    def shared_parameters(self, initial: bool = False) -> dict[str, np.ndarray]:
+        """The trunk's parameters (trained by both tasks), now or at initialisation."""
+        state = self.init_state if initial else self.model.state_dict()
+        return {k: v.detach().cpu().numpy().copy() for k, v in state.items()
+                if k.startswith(SHARED_PREFIXES)}
+
+    def update_delta(self) -> dict[str, np.ndarray]:
+        """``Backend.update_delta``: the shared parameters' change during ``fit``."""
+        return shared_parameter_delta(self)
+
+
+def shared_parameter_delta(model_after: MiniBackend | dict,
+                           model_init: MiniBackend | dict | None = None) -> dict[str, np.ndarray]:
+    """Per-layer update ``after - init`` of the shared (trunk) parameters.
+
+    ``model_init`` defaults to ``model_after``'s own initial weights (same seed => the same
+    start for the image-only, intent-only and joint runs). Feed three of these to
+    :func:`kdsl_utils.interference.interference_table`.
+    """
+    after = model_after.shared_parameters() if isinstance(model_after, MiniBackend) else model_after
+    if model_init is None:
+        if not isinstance(model_after, MiniBackend):
+            raise ValueError("model_init is required when model_after is a dict")
+        init = model_after.shared_parameters(initial=True)
+    else:
+        init = (model_init.shared_parameters(initial=True) if isinstance(model_init, MiniBackend)
+                else model_init)
+    return {k: after[k] - init[k] for k in after}

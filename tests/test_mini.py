@@ -1,0 +1,248 @@
+"""The mini backend: feature cache, shared MLP, persistence, determinism (small inputs).
+
+Images are drawn with Pillow (Chinese text in the project's CJK font) so that the real
+extractors (RapidOCR, EfficientNet-Lite0, multilingual-e5-small) run, on a few tiny inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from kdsl_utils.config import resolve
+from kdsl_utils.data.labels import ALL_LABELS, LABELS
+from kdsl_utils.data.records import AGENT, USER, Record, Turn
+from kdsl_utils.features import (E5Embedder, EfficientNetEmbedder, FeatureCache, OcrParams,
+                                 RapidOcr, embed_images, embed_texts, ocr_images, ocr_text)
+from kdsl_utils.models.mini import (SHARED_PREFIXES, MiniBackend, candidate_mask, clean_dialog,
+                                    shared_parameter_delta)
+
+SCENES = {"退款页面": "退款详情 退款金额", "订单详情页面": "订单详情 收货地址",
+          "物流页面-物流跟踪页面": "物流跟踪 已签收"}
+INTENTS = {"商品材质": "这个是什么材质的呀", "用法用量": "这个怎么用，一次用多少",
+           "发货数量": "一共发几个，数量对吗"}
+
+
+def _draw(path: Path, text: str, color=(255, 255, 255)) -> Path:
+    from kdsl_utils.fonts import cjk_font
+
+    im = Image.new("RGB", (240, 96), color)
+    ImageDraw.Draw(im).text((10, 30), text, fill=(0, 0, 0), font=cjk_font(20))
+    im.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> list[Record]:
+    d = tmp_path_factory.mktemp("mini_imgs")
+    recs = []
+    for i in range(9):
+        lab = list(SCENES)[i % 3]
+        p = _draw(d / f"s{i}.png", f"{SCENES[lab]} {i}", (255, 255 - 20 * (i % 3), 255))
+        recs.append(Record(id=f"img{i}", task="image", instruction="", label=lab, images=(p,),
+                           candidates=LABELS["image"]))
+    for i in range(9):
+        lab = list(INTENTS)[i % 3]
+        imgs = (recs[i].images[0],) if i % 2 == 0 else ()  # some dialogues without images
+        turns = ((Turn(USER, "<image>", (0,)),) if imgs else ()) + (
+            Turn(AGENT, "您好，请问有什么可以帮您"), Turn(USER, INTENTS[lab]))
+        recs.append(Record(id=f"int{i}", task="intent", instruction="", label=lab, images=imgs,
+                           candidates=LABELS["intent"], turns=turns))
+    return recs
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature_cache")
+
+
+def _cfg(**kw):
+    return resolve("mini", mini__epochs=15, mini__hidden=32, mini__workers=1, **kw)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+class CountingOcr(RapidOcr):
+    calls = 0
+
+    def __call__(self, data):
+        CountingOcr.calls += 1
+        return super().__call__(data)
+
+
+class CountingEffnet(EfficientNetEmbedder):
+    calls = 0
+
+    def batch(self, items):
+        CountingEffnet.calls += len(items)
+        return super().batch(items)
+
+
+class CountingE5(E5Embedder):
+    calls = 0
+
+    def batch(self, items):
+        CountingE5.calls += len(items)
+        return super().batch(items)
+
+
+def test_ocr_cache_hit_on_second_call(tmp_path, records):
+    paths = [r.images[0] for r in records[:3]]
+    paths.append(paths[0])  # a duplicate is computed once
+    cache = FeatureCache(tmp_path)
+    CountingOcr.calls = 0
+    first = ocr_images(paths, cache, workers=1, extractor=CountingOcr(), progress=False)
+    assert CountingOcr.calls == 3
+    assert "退款" in ocr_text(first[paths[0]])  # the real OCR reads the drawn text
+    again = ocr_images(paths, FeatureCache(tmp_path), workers=1, extractor=CountingOcr(),
+                       progress=False)
+    assert CountingOcr.calls == 3 and again == first
+    # other parameters, other cache namespace
+    other = CountingOcr(OcrParams(limit_side_len=640))
+    assert other.namespace != CountingOcr().namespace
+    ocr_images(paths[:1], cache, workers=1, extractor=other, progress=False)
+    assert CountingOcr.calls == 4
+
+
+def test_embedding_cache_hit_and_content_key(tmp_path, records):
+    paths = [r.images[0] for r in records[:3]]
+    cache = FeatureCache(tmp_path)
+    CountingEffnet.calls = 0
+    a = embed_images(paths, cache, extractor=CountingEffnet(), progress=False)
+    assert a.shape == (3, 1280) and CountingEffnet.calls == 3
+    copy = tmp_path / "copy.png"  # same bytes under another name: a cache hit
+    copy.write_bytes(paths[1].read_bytes())
+    b = embed_images([copy, *paths], cache, extractor=CountingEffnet(), progress=False)
+    assert CountingEffnet.calls == 3
+    np.testing.assert_array_equal(b[0], a[1])
+    CountingE5.calls = 0
+    t = embed_texts(["什么材质", "怎么用", "什么材质"], cache, extractor=CountingE5(),
+                    progress=False)
+    assert t.shape == (3, 384) and CountingE5.calls == 2
+    np.testing.assert_array_equal(t[0], t[2])
+    embed_texts(["怎么用"], cache, extractor=CountingE5(), progress=False)
+    assert CountingE5.calls == 2
+
+
+def test_corrupt_cache_entry_is_recomputed(tmp_path):
+    cache = FeatureCache(tmp_path)
+    cache.put("ns", "ab" * 32, "json", {"x": 1})
+    assert cache.get("ns", "ab" * 32, "json") == {"x": 1}
+    (tmp_path / "ns" / "ab" / f"{'ab' * 32}.json").write_text("{torn")
+    assert cache.get("ns", "ab" * 32, "json") is None
+    assert not list((tmp_path / "ns").rglob(".tmp-*"))  # no temp files left behind
+
+
+def test_clean_dialog():
+    assert clean_dialog('<image>\n{"url":"<http>","size":1}\n看<http>') == "▣\n▶\n看◎"
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+@pytest.fixture(scope="module")
+def fitted(records, cache_dir):
+    b = MiniBackend(_cfg(), cache_dir, progress=False)
+    info = b.fit(records, mix="joint", seed=0)
+    return b, info
+
+
+def test_fit_predict_shapes_and_candidate_masking(fitted, records):
+    b, info = fitted
+    assert len(info["loss"]) == 15 and info["loss"][-1] < info["loss"][0]
+    assert info["n_by_task"] == {"image": 9, "intent": 9} and info["wall_s"] > 0
+    pred = b.predict_proba(records)
+    assert pred.proba.shape == (len(records), len(ALL_LABELS))
+    assert pred.ids == [r.id for r in records]
+    np.testing.assert_allclose(pred.proba.sum(axis=1), 1.0, atol=1e-9)
+    mask = candidate_mask(records)
+    assert np.all(pred.proba[~mask] == 0.0)
+    assert all(p in r.candidates for p, r in zip(pred.pred, records))
+    acc = np.mean([p == r.label for p, r in zip(pred.pred, records)])
+    assert acc > 0.8  # separable toy data: the training set is learnt
+
+
+def test_save_load_roundtrip(fitted, records, cache_dir, tmp_path):
+    b, _ = fitted
+    b.save(tmp_path / "m")
+    b2 = MiniBackend.load(tmp_path / "m", _cfg(), cache_dir, progress=False)
+    np.testing.assert_array_equal(b2.predict_proba(records).proba, b.predict_proba(records).proba)
+    for k, v in b.shared_parameters(initial=True).items():
+        np.testing.assert_array_equal(b2.shared_parameters(initial=True)[k], v)
+    with pytest.raises(ValueError, match="MiniCfg"):
+        MiniBackend.load(tmp_path / "m", _cfg(mini__dropout=0.5), cache_dir)
+
+
+def test_deterministic_for_a_seed(fitted, records, cache_dir, tmp_path):
+    b, info = fitted
+    b2 = MiniBackend(_cfg(), cache_dir, progress=False)
+    info2 = b2.fit(records, mix="joint", seed=0, out_dir=tmp_path / "run")
+    assert info2["loss"] == info["loss"]
+    np.testing.assert_array_equal(b2.predict_proba(records).proba, b.predict_proba(records).proba)
+    assert (tmp_path / "run" / "train_log.json").is_file()
+    assert (tmp_path / "run" / "model" / "model.pt").is_file()
+    b3 = MiniBackend(_cfg(), cache_dir, progress=False)
+    assert b3.fit(records, mix="joint", seed=1)["loss"] != info["loss"]
+
+
+def test_task_mixes_share_init_and_trunk_updates(records, cache_dir):
+    from kdsl_utils.interference import interference_table
+
+    deltas, inits = {}, {}
+    for mix in ("image", "intent", "joint"):
+        b = MiniBackend(_cfg(), cache_dir, progress=False)
+        info = b.fit(records, mix=mix, seed=3)
+        assert info["n_train"] == (18 if mix == "joint" else 9)
+        p = b.predict_proba(records)  # any mix still predicts both tasks within candidates
+        assert np.all(p.proba[~candidate_mask(records)] == 0.0)
+        deltas[mix] = shared_parameter_delta(b)
+        inits[mix] = b.shared_parameters(initial=True)
+    assert set(deltas["joint"]) and all(k.startswith(SHARED_PREFIXES) for k in deltas["joint"])
+    for k in inits["joint"]:  # same seed, same featurizer input space => same start
+        np.testing.assert_array_equal(inits["image"][k], inits["joint"][k])
+    table = interference_table(deltas["image"], deltas["intent"], deltas["joint"])
+    assert list(table["layer"])[-1] == "ALL"
+    assert np.isfinite(table["cos_img_int"]).all() and (table["norm_joint"] > 0).all()
+
+
+def test_components_can_be_switched_off(records, cache_dir):
+    b = MiniBackend(_cfg(mini__ocr=False, mini__image_encoder=False, mini__text_encoder=False),
+                    cache_dir, progress=False)
+    b.fit(records, mix="intent", seed=0)
+    assert b.featurizer.n_dense == 7  # layout numbers only (zeros without OCR) + n_images
+    assert "ocr" not in b.featurizer.vec
+    p = b.predict_proba([r for r in records if r.task == "intent"])
+    assert p.proba.shape == (9, len(ALL_LABELS))
+
+
+# ---------------------------------------------------------------------------- real data
+
+
+@pytest.mark.realdata
+def test_real_data_subset_learns_both_tasks(real_mire):
+    """A stratified slice of the real train/test1: well above chance on both tasks.
+
+    Uses the project's feature cache, so it takes seconds after the notebooks ran once.
+    """
+    from sklearn.metrics import f1_score
+
+    from kdsl_utils.data.mire import load_mire
+
+    data = load_mire(real_mire, test_files=["test1"], decode_images=False)
+    rng = np.random.default_rng(0)
+    train = [data.train[i] for i in sorted(rng.choice(len(data.train), 240, replace=False))]
+    test = data.tests["test1"][:60]
+    b = MiniBackend(resolve("mini", mini__workers=min(2, os.cpu_count() or 1)), progress=False)
+    b.fit(train, mix="joint", seed=0)
+    p = b.predict_proba(test)
+    y = np.array([r.label for r in test])
+    pred = np.array(p.pred)
+    for task, floor in (("image", 0.4), ("intent", 0.1)):
+        m = np.array([r.task == task for r in test])
+        if m.sum() >= 5:
+            assert f1_score(y[m], pred[m], average="weighted") > floor, task
