@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -43,22 +44,28 @@ def resolve_data(data_dir: str | Path | None, *, seed: int = 0, smoke: bool = Fa
     per_label, test_per_label = SYNTH_SIZES[size]
     root = Path(cache_root or REPO_ROOT / "data") / f"synthetic-{size}-seed{seed}"
     want = synth_params(seed=seed, per_label=per_label, test_per_label=test_per_label)
-    stamp = root / PARAMS_FILE
-    if not (stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == want):
-        # Missing, or made by another generator version: (re)generate beside, then swap. A
-        # crash never leaves a half dataset to reuse, and two processes generating at once
-        # (parallel tests) both end with one complete copy.
-        tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_mire(tmp, seed=seed, per_label=per_label, test_per_label=test_per_label,
-                      progress=not smoke)
-        if root.exists():
-            shutil.rmtree(root, ignore_errors=True)
-        try:
-            tmp.rename(root)
-        except OSError:  # another process finished first (same parameters: same bytes)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # One process generates, the others (parallel tests, two notebooks) wait and reuse it.
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_generated(root, want, PARAMS_FILE):
+            # Missing, or made by another generator version: generate beside, then swap, so
+            # a crash never leaves a half dataset to reuse.
+            tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
+            generate_mire(tmp, seed=seed, per_label=per_label, test_per_label=test_per_label,
+                          progress=not smoke)
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
     return DataSource(root=root, tag="synthetic" if size == "full" else "synthetic-smoke", synthetic=True)
+
+
+def _is_generated(root: Path, want: dict, params_file: str) -> bool:
+    stamp = root / params_file
+    try:
+        return json.loads(stamp.read_text(encoding="utf-8")) == want
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def load_source(src: DataSource, test_files=None, strict: bool = True) -> MireData:
