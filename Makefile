@@ -71,7 +71,7 @@ PREV_RUN :=
 $(foreach nb,$(NOTEBOOKS),$(eval $(call NOTEBOOK_RULE,$(nb),$(PREV_RUN)))$(eval PREV_RUN := $(RESULTS)/$(nb)/run.json))
 
 test: $(STAMP) ## run the test suite (unit tests + notebook smoke runs)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n 2 --durations=15
 
 figures: $(STAMP) ## regenerate figures and the README results section from results files
 	$(PY) -m kdsl_utils.notebooks 90_report --out $(PRODUCTS_ROOT)/report -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) \
