@@ -1,7 +1,7 @@
 """Which frozen components the ``mini`` backend uses, and why: cost and weighted F1 on real data.
 
     python benchmarks/mini_components.py --data ../shared/mire [--seeds 0 1 2] [--timing N]
-                                         [--cache DIR] [--skip-mlp] [--skip-blocks]
+                      [--cache DIR] [--skip-blocks] [--skip-mlp] [--ablations] [--cv]
 
 Needs a real MIRE directory (train.json, test1.json, images/); the project never ships one.
 Prints markdown tables:
@@ -11,7 +11,9 @@ Prints markdown tables:
 2. feature blocks: a logistic regression per task on each frozen feature block alone and
    on combinations (weighted F1 on test1, per task) — the contribution of each block;
    the first row is the calibration baseline (OCR + character TF-IDF + LR per task);
-3. the MiniBackend (shared MLP) per task mix and seed, with component ablations: weighted
+3. ``--cv``: 4-fold cross-validation on train of the default and two alternatives (the
+   component choice is made here, not on test1, whose 48 intent records are too few);
+4. the MiniBackend (shared MLP) per task mix and seed, with component ablations: weighted
    F1 per task and pooled (48 labels). For the single-task mixes the pooled figure combines
    the image-only model on image records with the intent-only model on intent records.
 
@@ -76,11 +78,12 @@ def timing(data, n: int) -> list[tuple]:
     return rows
 
 
-def block_table(data, raw_tr, raw_te, feat) -> list[tuple]:
+def block_table(data, raw_tr, raw_te, feat, e5_ocr) -> list[tuple]:
     import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 
     btr, bte = feat.blocks(raw_tr), feat.blocks(raw_te)
+    btr["e5_ocr"], bte["e5_ocr"] = e5_ocr
     tr, te = data.train, data.tests["test1"]
     combos = {
         "image": [["ocr"], ["image"], ["layout"], ["e5_ocr"], ["image", "layout"],
@@ -88,7 +91,6 @@ def block_table(data, raw_tr, raw_te, feat) -> list[tuple]:
         "intent": [["dialog"], ["last"], ["e5_dialog"], ["ocr"], ["image"], ["e5_ocr"],
                    ["dialog", "last"], ["dialog", "last", "e5_dialog"],
                    ["dialog", "last", "ocr"], ["dialog", "last", "image"],
-                   ["dialog", "last", "ocr", "image"],
                    ["dialog", "last", "e5_dialog", "ocr", "image", "layout"]],
     }
     rows = []
@@ -140,6 +142,36 @@ def mlp_table(data, cfg, cache_dir, seeds, variants) -> list[tuple]:
     return rows
 
 
+def cv_table(data, cfg, cache_dir, seed, variants, folds: int = 4) -> list[tuple]:
+    """Stratified k-fold CV on train (the choice of components, not tuned on test1)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from kdsl_utils.models.mini import MiniBackend
+
+    tr = data.train
+    labels = [r.label for r in tr]
+    skf = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    rows = []
+    for vname, mcfg in variants.items():
+        vcfg = replace(cfg, mini=mcfg)
+        acc = {mix: [] for mix in ("image", "intent", "joint")}
+        for a, b in skf.split(np.zeros(len(tr)), labels):
+            ftr, fva = [tr[i] for i in a], [tr[i] for i in b]
+            y = np.array([r.label for r in fva])
+            is_img = np.array([r.task == "image" for r in fva])
+            for mix in acc:
+                m = MiniBackend(vcfg, cache_dir, progress=False)
+                m.fit(ftr, mix=mix, seed=seed)
+                p = np.array(m.predict_proba(fva).pred)
+                acc[mix].append((wf1(y[is_img], p[is_img]), wf1(y[~is_img], p[~is_img])))
+        for mix, v in acc.items():
+            fi, fn = np.mean(v, axis=0)
+            rows.append((vname, mix, fi if mix != "intent" else float("nan"),
+                         fn if mix != "image" else float("nan")))
+        print(f"  cv {vname} done", file=sys.stderr, flush=True)
+    return rows
+
+
 def _fmt(x) -> str:
     if isinstance(x, float):
         return "–" if np.isnan(x) else f"{x:.3f}"
@@ -166,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-blocks", action="store_true")
     ap.add_argument("--skip-mlp", action="store_true")
     ap.add_argument("--ablations", action="store_true", help="also MLP without each component")
+    ap.add_argument("--cv", action="store_true",
+                    help="4-fold CV on train of the default vs dialogue images vs no e5")
     a = ap.parse_args(argv)
 
     data = load_mire(a.data, test_files=["test1"])
@@ -183,20 +217,39 @@ def main(argv=None) -> int:
     cache = FeatureCache(cache_dir)
     raw_tr = extract_inputs(data.train, cfg.mini, cache)
     raw_te = extract_inputs(data.tests["test1"], cfg.mini, cache)
-    print(f"features for {len(data.train) + len(data.tests['test1'])} records: "
+    print(f"default features for {len(data.train) + len(data.tests['test1'])} records: "
           f"{time.perf_counter() - t0:.1f} s (cache hits {cache.hits}, misses {cache.misses})\n")
 
     if not a.skip_blocks:
+        from kdsl_utils.features import embed_texts
+
+        # every block, for every record (images of dialogues and e5 of OCR text included)
+        wide = replace(cfg.mini, intent_images=True)
+        raw_tr = extract_inputs(data.train, wide, cache)
+        raw_te = extract_inputs(data.tests["test1"], wide, cache)
+        e5_ocr = tuple(np.where(np.array([bool(t.strip()) for t in r.ocr])[:, None],
+                                embed_texts(r.ocr, cache), 0.0) for r in (raw_tr, raw_te))
         feat = Featurizer().fit(raw_tr)
+        e5_ocr = tuple(feat.scale_like(x, fit_on=e5_ocr[0]) for x in e5_ocr)
         print("### Feature blocks: logistic regression per task, weighted F1 on test1\n")
-        print(md(["task", "blocks", "wF1"], block_table(data, raw_tr, raw_te, feat)))
+        print(md(["task", "blocks", "wF1"], block_table(data, raw_tr, raw_te, feat, e5_ocr)))
+        print()
+
+    if a.cv:
+        m = cfg.mini
+        variants = {"full": m, "+ dialogue images": replace(m, intent_images=True),
+                    "no e5": replace(m, text_encoder=False)}
+        print(f"### MiniBackend, 4-fold CV on train (seed {a.seeds[0]}), mean weighted F1\n")
+        print(md(["variant", "mix", "image wF1", "intent wF1"],
+                 cv_table(data, cfg, cache_dir, a.seeds[0], variants)))
         print()
 
     if not a.skip_mlp:
         m = cfg.mini
         variants = {"full": m}
         if a.ablations:
-            variants.update({"no e5": replace(m, text_encoder=False),
+            variants.update({"+ dialogue images": replace(m, intent_images=True),
+                             "no e5": replace(m, text_encoder=False),
                              "no image encoder": replace(m, image_encoder=False),
                              "no OCR": replace(m, ocr=False)})
         print("### MiniBackend (shared MLP) per task mix, weighted F1 on test1\n")

@@ -68,8 +68,9 @@ class MiniCfg:
     ocr: bool = True
     image_encoder: bool = True
     text_encoder: bool = True
+    intent_images: bool = False  # OCR/embed the images in dialogues too (measured: hurts intent)
     hidden: int = 256
-    epochs: int = 60
+    epochs: int = 30
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     dropout: float = 0.2

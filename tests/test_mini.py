@@ -220,6 +220,19 @@ def test_components_can_be_switched_off(records, cache_dir):
     assert p.proba.shape == (9, len(ALL_LABELS))
 
 
+def test_dialogue_images_are_used_only_when_asked(records, cache_dir):
+    from kdsl_utils.features import FeatureCache
+    from kdsl_utils.models.mini import extract_inputs
+
+    intents = [r for r in records if r.task == "intent" and r.images]
+    off = extract_inputs(intents, _cfg().mini, FeatureCache(cache_dir), progress=False)
+    on = extract_inputs(intents, _cfg(mini__intent_images=True).mini, FeatureCache(cache_dir),
+                        progress=False)
+    assert not any(off.ocr) and not off.image.any()
+    assert all("退款" in t or "订单" in t or "物流" in t for t in on.ocr) and on.image.any()
+    assert off.e5_dialog is not None and np.abs(off.e5_dialog).sum(axis=1).min() > 0
+
+
 # ---------------------------------------------------------------------------- real data
 
 
