@@ -74,7 +74,8 @@ def timing(data, n: int) -> list[tuple]:
             rows.append((name, k, (_cpu() - c0) / k, (time.perf_counter() - t0) / k))
             c0, t0 = _cpu(), time.perf_counter()
             fn()
-            rows.append((name + " — cached", k, (_cpu() - c0) / k, (time.perf_counter() - t0) / k))
+            rows.append((name + " — cached", k, (_cpu() - c0) / k,
+                         (time.perf_counter() - t0) / k))
     return rows
 
 
@@ -87,7 +88,8 @@ def block_table(data, raw_tr, raw_te, feat, e5_ocr) -> list[tuple]:
     tr, te = data.train, data.tests["test1"]
     combos = {
         "image": [["ocr"], ["image"], ["layout"], ["e5_ocr"], ["image", "layout"],
-                  ["ocr", "image"], ["ocr", "image", "layout"], ["ocr", "image", "layout", "e5_ocr"]],
+                  ["ocr", "image"], ["ocr", "image", "layout"],
+                  ["ocr", "image", "layout", "e5_ocr"]],
         "intent": [["dialog"], ["last"], ["e5_dialog"], ["ocr"], ["image"], ["e5_ocr"],
                    ["dialog", "last"], ["dialog", "last", "e5_dialog"],
                    ["dialog", "last", "ocr"], ["dialog", "last", "image"],
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
     from kdsl_utils.models.mini import Featurizer, extract_inputs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "mire"))
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "mire"))
     ap.add_argument("--cache", default=None, help="feature cache (default: the project's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--timing", type=int, default=0, help="time each extractor on N items")
