@@ -64,11 +64,15 @@ it equal across the compared runs (divide ``grad_accum`` by the process count).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +95,32 @@ class TrainResult:
     resumed_from: str | None = None
     trainable_params: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_fingerprint(records: Sequence[Record], tcfg: TrainCfg, seed: int) -> str:
+    """Hash of what a checkpoint depends on: the training records (ids, labels, prompts,
+    image paths), the hyper-parameters and the seed."""
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(tcfg), seed], sort_keys=True, default=str).encode())
+    for r in records:
+        h.update(json.dumps([r.id, r.label, r.instruction, [str(p) for p in r.images]]).encode())
+    return h.hexdigest()
+
+
+def resumable_checkpoint(output_dir: str, fingerprint: str) -> str | None:
+    """The last checkpoint in ``output_dir`` if it was written by the same run (same
+    fingerprint); checkpoints of another run (other data, settings or seed) are deleted
+    with a warning rather than silently resumed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = Path(output_dir) / "kdsl_fingerprint.txt"
+    ckpt = get_last_checkpoint(output_dir)
+    if ckpt and not (stamp.is_file() and stamp.read_text() == fingerprint):
+        warnings.warn(f"{output_dir}: checkpoints from a different run (data, settings or seed "
+                      "changed); starting afresh", stacklevel=3)
+        for d in Path(output_dir).glob("checkpoint-*"):
+            shutil.rmtree(d)
+        ckpt = None
+    return ckpt
 
 
 def count_trainable(model) -> tuple[int, int]:
@@ -157,7 +187,6 @@ def train_sft(
     ``out_dir`` None trains without checkpoints (in a temporary directory).
     """
     from transformers import Trainer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .models.sft import SFTCollator, SFTDataset
 
@@ -189,7 +218,11 @@ def train_sft(
             train_dataset=dataset,
             data_collator=SFTCollator(encoder, padding_side="right"),
         )
-        ckpt = get_last_checkpoint(output_dir) if (resume and out_dir is not None) else None
+        ckpt = None
+        if out_dir is not None:
+            fp = run_fingerprint(records, tcfg, seed)
+            ckpt = resumable_checkpoint(output_dir, fp) if resume else None
+            (Path(output_dir) / "kdsl_fingerprint.txt").write_text(fp)
         trainer.train(resume_from_checkpoint=ckpt)
         if out_dir is not None:
             trainer.save_state()

@@ -476,6 +476,7 @@ def test_resume_continues_exactly(trained, train_set, cache, tmp_path):
     _, info, run = trained
     run2 = tmp_path / "run"
     shutil.copytree(run / "checkpoint-4", run2 / "checkpoint-4")  # as if killed after step 4
+    shutil.copy(run / "kdsl_fingerprint.txt", run2 / "kdsl_fingerprint.txt")
     b2 = QwenVLBackend(CFG, cache_dir=cache)
     info2 = b2.fit(train_set, mix="joint", seed=0, out_dir=run2)
     assert info2["resumed_from"].endswith("checkpoint-4")
@@ -484,6 +485,22 @@ def test_resume_continues_exactly(trained, train_set, cache, tmp_path):
     assert sorted(b) == sorted(a)
     for s in range(5, 9):
         assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-5), (s, a, b)
+
+
+def test_checkpoint_of_another_run_is_not_resumed(trained, train_set, tmp_path):
+    from kdsl_utils.train import resumable_checkpoint, run_fingerprint
+
+    _, _, run = trained
+    run2 = tmp_path / "run"
+    shutil.copytree(run / "checkpoint-4", run2 / "checkpoint-4")
+    shutil.copy(run / "kdsl_fingerprint.txt", run2 / "kdsl_fingerprint.txt")
+    same = run_fingerprint(train_set, CFG.train, 0)
+    assert resumable_checkpoint(str(run2), same).endswith("checkpoint-4")
+    for other in (run_fingerprint(train_set[1:], CFG.train, 0), run_fingerprint(train_set, CFG.train, 1)):
+        assert other != same
+    with pytest.warns(UserWarning, match="different run"):
+        assert resumable_checkpoint(str(run2), run_fingerprint(train_set[1:], CFG.train, 0)) is None
+    assert not (run2 / "checkpoint-4").exists()
 
 
 def test_lora_deltas_are_the_update(trained):
