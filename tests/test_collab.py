@@ -54,7 +54,6 @@ def test_fusion_needs_strong_rule_to_flip():
 
 
 def test_fusion_never_picks_a_non_candidate():
-    recs = _records(["材质"])
     image_label = ALL_LABELS[0]
     rule = SimpleNamespace(label=image_label)
     res = SimpleNamespace(rules=[rule], masks=np.ones((1, 1), bool), precision=np.array([0.99]))

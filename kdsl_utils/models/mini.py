@@ -269,7 +269,6 @@ class Featurizer:
 
 
 def _build_model(n_sparse: int, n_dense: int, hidden: int, dropout: float):
-    import torch
     from torch import nn
 
     class SharedMLP(nn.Module):
