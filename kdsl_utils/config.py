@@ -62,6 +62,20 @@ class TrainCfg:
 
 
 @dataclass(frozen=True)
+class AugmentCfg:
+    """Augmentation of KDSL's large-model training set (:mod:`kdsl_utils.data.augment`).
+
+    Used by notebook 02 only; notebook 01's task mixes are the plain recipe. Copies are
+    added per original record; 0 turns a kind off."""
+
+    image_copies: int = 1  # random-resize copies per image-task record
+    scale: tuple[float, float] = (0.5, 1.5)  # resize factor range (aspect kept)
+    dialogue_copies: int = 1  # turn-dropout copies per intent record
+    p_agent: float = 0.3  # drop probability of an image-free agent turn
+    p_user: float = 0.3  # ... of an image-free customer turn other than the last one
+
+
+@dataclass(frozen=True)
 class MiniCfg:
     """The CPU backend built on pretrained parts that install from PyPI (no hub)."""
 
@@ -100,6 +114,7 @@ class Profile:
     dev_fraction: float = 0.2  # share of train held out as the dev fold
     model: ModelCfg = field(default_factory=ModelCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
     mini: MiniCfg = field(default_factory=MiniCfg)
     rules: RulesCfg = field(default_factory=RulesCfg)
 
@@ -111,8 +126,9 @@ def _base(name: str) -> Profile:
     if name == "paper":
         return Profile(name="paper", backend="qwen_vl", device="cuda")
     if name == "mini":
+        # No resize copies in mini: measured, see the AugmentCfg docstring.
         return Profile(name="mini", backend="mini", device="cpu", seeds=(0, 1, 2),
-                       rules=RulesCfg(proposer="data"))
+                       augment=AugmentCfg(image_copies=0), rules=RulesCfg(proposer="data"))
     if name == "tiny":
         # A randomly initialised Qwen2-VL twin: every line of the paper path, on CPU, in seconds.
         return Profile(

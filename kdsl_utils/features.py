@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -333,6 +334,19 @@ class E5Embedder(Extractor):
 # ------------------------------------------------------------------------- cached drivers
 
 
+#: Feature extraction done by this process: kind -> {"computed", "cached", "seconds"}.
+#: Sessions copy it into run.json, so a run says how much of its time went into OCR and
+#: embeddings, and how much the cache saved.
+EXTRACTION_LOG: dict[str, dict[str, float]] = {}
+
+
+def _log_extraction(kind: str, computed: int, cached: int, seconds: float) -> None:
+    e = EXTRACTION_LOG.setdefault(kind, {"computed": 0, "cached": 0, "seconds": 0.0})
+    e["computed"] += computed
+    e["cached"] += cached
+    e["seconds"] = round(e["seconds"] + seconds, 3)
+
+
 def _progress(iterable: Iterable, total: int, desc: str, show: bool):
     if not show:
         return iterable
@@ -379,6 +393,7 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
             out[p] = hit
         else:
             todo.setdefault(keys[p], str(p))
+    t0 = time.perf_counter()
     if todo:
         done: dict[str, dict] = {}
         items = sorted(todo.items())
@@ -400,6 +415,7 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
         for p in uniq:
             if p not in out:
                 out[p] = done[keys[p]]
+    _log_extraction("ocr", len(todo), len(uniq) - len(todo), time.perf_counter() - t0)
     return out
 
 
@@ -420,11 +436,13 @@ def _cached_batches(keys: list[str], cache: FeatureCache, ns: str,
         else:
             arr[i] = hit
     batches = [missing[j:j + batch_size] for j in range(0, len(missing), batch_size)]
+    t0 = time.perf_counter()
     for idx in _progress(batches, len(batches), desc, progress and bool(batches)):
         vecs = compute(idx)
         for i, v in zip(idx, vecs):
             cache.put(ns, keys[i], "npy", v)
             arr[i] = v
+    _log_extraction(desc, len(missing), len(first) - len(missing), time.perf_counter() - t0)
     for i, k in enumerate(keys):
         if first[k] != i:
             arr[i] = arr[first[k]]

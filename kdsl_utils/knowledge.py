@@ -1,8 +1,10 @@
 """Knowledge decoupling, end to end (notebooks 02 and 03).
 
 1. Hold out a stratified **dev fold** of the training data (``Profile.dev_fraction``).
-2. Fine-tune the large model jointly on the rest and compute its label probabilities on
-   the dev fold and the test splits **once** (saved as ``proba_<split>.npz``).
+2. Fine-tune the large model jointly on the rest plus its augmented copies
+   (``Profile.augment``) and compute its label probabilities on the dev fold and the test
+   splits **once** (saved as ``proba_<split>.npz``); the no-augmentation ablation does
+   the same without the copies (``proba_noaug_<split>.npz``).
 3. Build the rules' **observables** per record (customer text, last turn, OCR text of the
    images, image count) and a **proposer** (small MLLM in ``paper``/``tiny``, data-driven
    miner in ``mini``).
@@ -29,6 +31,47 @@ from .rules.propose import DataProposer, LLMProposer, Proposer
 def dev_split(train: Sequence[Record], cfg: Profile, seed: int) -> tuple[list[Record], list[Record]]:
     """(fit, dev): ``cfg.dev_fraction`` of every label held out for rule search."""
     return stratified_split(train, cfg.dev_fraction, seed=seed)
+
+
+#: File prefix of each large-model variant's saved probabilities (``<prefix>_<split>.npz``).
+PROBA_PREFIX = {"kdsl": "proba", "no_aug": "proba_noaug"}
+
+
+def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequence[Record]], *,
+                  seed: int, out_dir: Path, save_to: Path | None = None) -> tuple[dict, dict[str, Predictions]]:
+    """Fine-tune the profile's large model jointly on ``train`` (checkpoints in ``out_dir``)
+    and score every split of ``score`` once. Returns ``(fit_log, {split: Predictions})``;
+    the model is saved to ``save_to`` when given, then released (GPU memory included), so
+    a second variant never holds two large models at once."""
+    import gc
+
+    from .seesaw import make_backend
+
+    model = make_backend(cfg)
+    log = model.fit(train, mix="joint", seed=seed, out_dir=out_dir)
+    proba = {split: model.predict_proba(recs) for split, recs in score.items()}
+    if save_to is not None:
+        model.save(save_to)
+    del model
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    return log, proba
+
+
+def save_probas(out: Path, proba: dict[str, Predictions], variant: str = "kdsl") -> None:
+    for split, p in proba.items():
+        save_proba(Path(out) / f"{PROBA_PREFIX[variant]}_{split}.npz", p)
+
+
+def load_probas(up: Path, splits: Sequence[str], variant: str = "kdsl") -> dict[str, Predictions]:
+    """Notebook 02's saved probabilities of ``variant`` for ``splits``."""
+    return {s: load_proba(Path(up) / f"{PROBA_PREFIX[variant]}_{s}.npz") for s in splits}
 
 
 def save_proba(path: Path | str, preds: Predictions) -> None:
@@ -97,13 +140,14 @@ def task_of(label_idx: np.ndarray) -> list[str]:
 
 
 def search_rules(cfg: Profile, fit_obs: Observables, dev, *, seed: int,
-                 make: Callable[[Observables], Proposer], progress: bool = True):
+                 make: Callable[[Observables], Proposer], progress: bool = True,
+                 top_n: bool = True):
     """MCTS over rule sets on the dev fold, and the top-N baseline at the same proposer budget.
 
     ``dev`` is an ``EvalSet`` (observables, gold indices, model probabilities). The proposer
     (built by ``make`` from training observables) learns from the fit part plus the dev
     fold's *search* part — the errors the search sees — never from its held-out part.
-    Returns ``(mcts_result, topn_result)``.
+    Returns ``(mcts_result, topn_result)`` (``topn_result`` None unless ``top_n``).
     """
     from .rules.engine import concat_observables
     from .rules.mcts import mcts_search, search_params, top_n_rules
@@ -112,6 +156,8 @@ def search_rules(cfg: Profile, fit_obs: Observables, dev, *, seed: int,
     search_part, _ = dev.split(params["holdout_fraction"], seed)
     teach = concat_observables(fit_obs, search_part.obs)
     mcts = mcts_search(make(teach), dev, seed=seed, progress=progress, **params)
+    if not top_n:
+        return mcts, None
     budget = max(1, int(mcts.cost.get("calls", 1)))
     topn = top_n_rules(make(teach), dev, budget=budget, seed=seed,
                        precision_threshold=params["precision_threshold"],

@@ -5,6 +5,7 @@ Everything here reads tidy metric frames (``metrics.csv``); nothing trains or pr
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ ROWS = {
     "rules_only[mcts]": "Rules only (MCTS rule base)",
     "kdsl": "KDSL: fine-tuned model + MCTS rules (strategy chosen on dev)",
     "kdsl[top_n]": "Ablation: no MCTS (top-N proposed rules, same budget)",
+    "model[no_aug]": "Ablation: large model fine-tuned without augmentation",
+    "kdsl[no_aug]": "Ablation: no augmentation (KDSL pipeline on that model)",
 }
 PAPER_GAINS = {"test1": 6.37, "test2": 6.28}  # the paper's online weighted-F1 gains (points)
 _MARK = ("<!-- results:start -->", "<!-- results:end -->")
@@ -99,7 +102,7 @@ def write_readme_section(readme: Path | str, body: str) -> bool:
     if start not in text or end not in text:
         raise ValueError(f"{path}: results markers {start} / {end} not found")
     new = re.sub(re.escape(start) + r".*?" + re.escape(end),
-                 lambda _: f"{start}\n{body.strip()}\n{end}", text, flags=re.S)
+                 lambda _: f"{start}\n{body.strip()}\n{end}", text, flags=re.DOTALL)
     if new != text:
         path.write_text(new, encoding="utf-8")
     return new != text
@@ -127,3 +130,31 @@ def seesaw_gain(metrics01: pd.DataFrame) -> pd.DataFrame:
     n = w.groupby(["split", "task"]).seed.nunique()
     return pd.DataFrame({"single-task": single.round(4), "joint": joint.round(4),
                          "joint − single": (joint - single).round(4), "seeds": n}).reset_index()
+
+
+def time_table(paths: dict[str, Path]) -> pd.DataFrame:
+    """Where the time went, per notebook, from each ``run.json``: wall seconds, the feature
+    extraction done in it (OCR / embeddings: seconds, items computed, look-ups served by the
+    feature cache) and the rest (training, search, scoring, plotting). ``paths``: experiment ->
+    its results folder."""
+    rows = []
+    for exp, path in sorted(paths.items()):
+        run = json.loads((Path(path) / "run.json").read_text(encoding="utf-8"))
+        fx = run.get("feature_extraction", {})
+        f_s = sum(v["seconds"] for v in fx.values())
+        wall = float(run.get("wall_time_s", float("nan")))
+        rows.append({
+            "notebook": exp, "started": run.get("started", ""), "wall_s": round(wall, 1),
+            "features_s": round(f_s, 1), "other_s": round(wall - f_s, 1),
+            "computed": ", ".join(f"{k} {int(v['computed'])}" for k, v in sorted(fx.items()) if v["computed"]) or "-",
+            "from_cache": ", ".join(f"{k} {int(v['cached'])}" for k, v in sorted(fx.items()) if v["cached"]) or "-",
+        })
+    return pd.DataFrame(rows)
+
+
+def machine_line(paths: dict[str, Path]) -> str:
+    """The machine the runs in ``paths`` report in their ``run.json`` (the first one's)."""
+    run = json.loads((Path(next(iter(paths.values()))) / "run.json").read_text(encoding="utf-8"))
+    dev = run.get("device", {})
+    return (f"{dev.get('platform', '?')}, {dev.get('torch_threads', '?')} torch threads, "
+            f"CUDA {'yes' if dev.get('cuda') else 'no'}")

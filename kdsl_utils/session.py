@@ -60,7 +60,11 @@ class Session:
         """Write ``run.json`` — last: it is the Makefile's target, so it marks a complete run."""
         if not (self.out / "metrics.csv").is_file():
             raise RuntimeError(f"{self.out}: save_metrics() before finish()")
+        from .features import EXTRACTION_LOG
+
         self.log.extra.update(self.extra)
+        # Where the time went: OCR / embeddings computed here vs read from the cache.
+        self.log.extra["feature_extraction"] = {k: dict(v) for k, v in EXTRACTION_LOG.items()}
         return self.log.write(self.out / "run.json")
 
 
@@ -68,7 +72,10 @@ def start(experiment: str, *, profile: str, data_dir: str | None, seed: int, smo
           results_dir: str | Path, test_files: Sequence[str] | None = None,
           overrides: Mapping[str, Any] | None = None) -> Session:
     """Resolve config and data for a notebook run; seeds Python's RNG; opens the run folder."""
+    from .features import EXTRACTION_LOG
+
     overrides = dict(overrides or {})
+    EXTRACTION_LOG.clear()  # counts from here to finish() belong to this run
     cfg = resolve(profile, **overrides)
     random.seed(seed)
     src = resolve_data(data_dir, seed=seed, smoke=smoke)

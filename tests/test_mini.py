@@ -16,8 +16,9 @@ from PIL import Image, ImageDraw
 from kdsl_utils.config import resolve
 from kdsl_utils.data.labels import ALL_LABELS, LABELS
 from kdsl_utils.data.records import AGENT, USER, Record, Turn
-from kdsl_utils.features import (E5Embedder, EfficientNetEmbedder, FeatureCache, OcrParams,
-                                 RapidOcr, embed_images, embed_texts, ocr_images, ocr_text)
+from kdsl_utils.features import (EXTRACTION_LOG, E5Embedder, EfficientNetEmbedder, FeatureCache,
+                                 OcrParams, RapidOcr, embed_images, embed_texts, ocr_images,
+                                 ocr_text)
 from kdsl_utils.models.mini import (SHARED_PREFIXES, MiniBackend, candidate_mask,
                                     clean_dialog, shared_parameter_delta)
 
@@ -96,12 +97,16 @@ def test_ocr_cache_hit_on_second_call(tmp_path, records):
     paths.append(paths[0])  # a duplicate is computed once
     cache = FeatureCache(tmp_path)
     CountingOcr.calls = 0
+    EXTRACTION_LOG.clear()
     first = ocr_images(paths, cache, workers=1, extractor=CountingOcr(), progress=False)
     assert CountingOcr.calls == 3
+    assert EXTRACTION_LOG["ocr"]["computed"] == 3 and EXTRACTION_LOG["ocr"]["cached"] == 0
+    assert EXTRACTION_LOG["ocr"]["seconds"] > 0
     assert "退款" in ocr_text(first[paths[0]])  # the real OCR reads the drawn text
     again = ocr_images(paths, FeatureCache(tmp_path), workers=1, extractor=CountingOcr(),
                        progress=False)
     assert CountingOcr.calls == 3 and again == first
+    assert EXTRACTION_LOG["ocr"]["computed"] == 3 and EXTRACTION_LOG["ocr"]["cached"] == 3
     # other parameters, other cache namespace
     other = CountingOcr(OcrParams(limit_side_len=640))
     assert other.namespace != CountingOcr().namespace

@@ -7,7 +7,7 @@ import collections
 from conftest import image_record, intent_record, make_mire
 from PIL import Image
 
-from kdsl_utils.data.augment import drop_agent_turns, resize_copies
+from kdsl_utils.data.augment import augment_training_set, dialogue_dropout, resize_copies
 from kdsl_utils.data.hf import to_hf_dataset
 from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS
 from kdsl_utils.data.mire import load_split, parse_dialogue
@@ -60,16 +60,50 @@ def test_resize_copies(tmp_path):
     assert recs[0].images[0].exists() and aug[0].label == recs[0].label
 
 
-def test_drop_agent_turns_keeps_user_turns(tmp_path):
+def test_dialogue_dropout_drops_agent_turns_only(tmp_path):
     recs = [r for r in _records(tmp_path) if r.task == "intent"]
-    aug = drop_agent_turns(recs, p_drop=1.0, seed=0)
-    assert len(aug) == len(recs)
+    aug = dialogue_dropout(recs, p_agent=1.0, p_user=0.0, seed=0)
+    assert len(aug) == len(recs) and aug[0].id == recs[0].id + "#dlg0"
     for a, r in zip(aug, recs):
         assert all(t.role == "用户" for t in a.turns)
-        assert a.user_text == r.user_text and a.candidates == r.candidates
+        assert a.user_text == r.user_text and a.candidates == r.candidates and a.label == r.label
         assert parse_dialogue(a.instruction) == a.turns  # the rebuilt prompt parses back
         assert a.instruction.count("<image>") == len(a.images)
-    assert drop_agent_turns(recs, p_drop=0.0, seed=0)[0].turns == recs[0].turns
+    assert dialogue_dropout(recs, p_agent=0.0, p_user=0.0, seed=0) == []  # no identical copies
+
+
+def test_dialogue_dropout_keeps_last_customer_turn_and_images(tmp_path):
+    recs = [r for r in _records(tmp_path) if r.task == "intent"]
+    aug = dialogue_dropout(recs, p_agent=0.0, p_user=1.0, seed=0)
+    assert aug, "the synthetic dialogues have earlier customer turns to drop"
+    by_id = {r.id: r for r in recs}
+    for a in aug:
+        r = by_id[a.id.split("#")[0]]
+        assert a.last_user_turn == r.last_user_turn
+        kept_users = [t for t in a.turns if t.role == "用户"]
+        assert all(t.images for t in kept_users[:-1])  # earlier customer turns survive only with images
+        assert sum(len(t.images) for t in a.turns) == sum(len(t.images) for t in r.turns)
+    again = dialogue_dropout(recs, p_agent=0.3, p_user=0.3, seed=0)
+    assert again == dialogue_dropout(recs, p_agent=0.3, p_user=0.3, seed=0)  # deterministic
+
+
+def test_augment_training_set(tmp_path):
+    from kdsl_utils.config import AugmentCfg
+
+    recs = _records(tmp_path)
+    acfg = AugmentCfg(image_copies=1, scale=(0.5, 0.5), dialogue_copies=1, p_agent=1.0, p_user=0.0)
+    out = augment_training_set(recs, acfg, seed=0, image_dir=tmp_path / "aug")
+    assert out[:len(recs)] == recs
+    copies = out[len(recs):]
+    n_img = sum(r.task == "image" for r in recs)
+    assert sum(c.id.endswith("#aug0") for c in copies) == n_img
+    assert {c.task for c in copies if "#dlg" in c.id} == {"intent"}
+    none = AugmentCfg(image_copies=0, dialogue_copies=0)
+    assert augment_training_set(recs, none, seed=0, image_dir=tmp_path / "x") == recs
+    # a resize copy made with another seed is never reused
+    a = resize_copies(recs[:1], tmp_path / "r", scale=(0.5, 1.5), seed=0)
+    b = resize_copies(recs[:1], tmp_path / "r", scale=(0.5, 1.5), seed=1)
+    assert a[0].images[0] != b[0].images[0]
 
 
 def test_hf_dataset(tmp_path):
