@@ -45,6 +45,8 @@ def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequen
     a second variant never holds two large models at once."""
     import gc
 
+    import torch
+
     from .seesaw import make_backend
 
     model = make_backend(cfg)
@@ -54,13 +56,8 @@ def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequen
         model.save(save_to)
     del model
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return log, proba
 
 
