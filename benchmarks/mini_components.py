@@ -130,7 +130,7 @@ def mlp_table(data, cfg, cache_dir, seeds, variants) -> list[tuple]:
                 b = MiniBackend(vcfg, cache_dir, progress=False)
                 b.featurizer = shared.featurizer
                 info = b.fit(tr, mix=mix, seed=seed)
-                walls[mix] = info["wall_s"]
+                walls[mix] = info.wall_s
                 preds[mix] = np.array(b.predict_proba(te).pred)
             sep = np.where(is_img, preds["image"], preds["intent"])
             for mix, p in (("image", preds["image"]), ("intent", preds["intent"]),

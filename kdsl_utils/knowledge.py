@@ -23,7 +23,7 @@ from .config import Profile
 from .data.labels import ALL_LABELS, LABEL_TO_TASK
 from .data.records import Record
 from .data.splits import stratified_split
-from .models.base import Predictions
+from .models.base import FitLog, Predictions
 from .rules.engine import Observables, RuleResult, build_observables, label_indices
 from .rules.propose import DataProposer, LLMProposer, Proposer
 
@@ -38,7 +38,7 @@ PROBA_PREFIX = {"kdsl": "proba", "no_aug": "proba_noaug"}
 
 
 def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequence[Record]], *,
-                  seed: int, out_dir: Path, save_to: Path | None = None) -> tuple[dict, dict[str, Predictions]]:
+                  seed: int, out_dir: Path, save_to: Path | None = None) -> tuple[FitLog, dict[str, Predictions]]:
     """Fine-tune the profile's large model jointly on ``train`` (checkpoints in ``out_dir``)
     and score every split of ``score`` once. Returns ``(fit_log, {split: Predictions})``;
     the model is saved to ``save_to`` when given, then released (GPU memory included), so
@@ -72,14 +72,16 @@ def load_probas(up: Path, splits: Sequence[str], variant: str = "kdsl") -> dict[
 
 
 def save_proba(path: Path | str, preds: Predictions) -> None:
+    gold = np.array(["" if g is None else g for g in preds.gold])  # "" marks an unlabelled record
     np.savez_compressed(path, ids=np.array(preds.ids), tasks=np.array(preds.tasks),
-                        proba=preds.proba.astype(np.float32))
+                        proba=preds.proba.astype(np.float32), gold=gold)
 
 
 def load_proba(path: Path | str) -> Predictions:
     z = np.load(path, allow_pickle=False)
     return Predictions(ids=[str(x) for x in z["ids"]], tasks=[str(x) for x in z["tasks"]],
-                       proba=z["proba"].astype(np.float64))
+                       proba=z["proba"].astype(np.float64),
+                       gold=[str(g) or None for g in z["gold"]])
 
 
 def gold(records: Sequence[Record], preds: Predictions | None = None) -> np.ndarray:

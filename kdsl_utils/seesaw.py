@@ -81,10 +81,9 @@ def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequen
             recs = [r for r in recs if r.task in mix_tasks(mix)]
             preds.append(predictions_frame(backend.predict_proba(recs), recs,
                                            seed=seed, variant=mix, split=split))
-        losses = log.get("losses") or log.get("loss") or []  # per-step or per-epoch floats
         fits.append({"seed": seed, "variant": mix, "n_train": len(select_mix(train, mix)),
                      "fit_seconds": round(t_fit, 2), "predict_seconds": round(time.time() - t0, 2),
-                     "final_loss": float(losses[-1]) if len(losses) else np.nan})
+                     "final_loss": log.final_loss, "steps": log.steps})
         deltas[(seed, mix)] = backend.update_delta()
     pred = pd.concat(preds, ignore_index=True)
     pair = pred[((pred.variant == "image") & (pred.task == "image"))

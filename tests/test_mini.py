@@ -159,11 +159,11 @@ def fitted(records, cache_dir):
 
 def test_fit_predict_shapes_and_candidate_masking(fitted, records):
     b, info = fitted
-    assert len(info["loss"]) == 15 and info["loss"][-1] < info["loss"][0]
-    assert info["n_by_task"] == {"image": 9, "intent": 9} and info["wall_s"] > 0
+    assert len(info.losses) == 15 and info.losses[-1] < info.losses[0]
+    assert info.extra["n_by_task"] == {"image": 9, "intent": 9} and info.wall_s > 0
     pred = b.predict_proba(records)
     assert pred.proba.shape == (len(records), len(ALL_LABELS))
-    assert pred.ids == [r.id for r in records]
+    assert pred.ids == [r.id for r in records] and pred.gold == [r.label for r in records]
     np.testing.assert_allclose(pred.proba.sum(axis=1), 1.0, atol=1e-9)
     mask = candidate_mask(records)
     assert np.all(pred.proba[~mask] == 0.0)
@@ -187,12 +187,12 @@ def test_deterministic_for_a_seed(fitted, records, cache_dir, tmp_path):
     b, info = fitted
     b2 = MiniBackend(_cfg(), cache_dir, progress=False)
     info2 = b2.fit(records, mix="joint", seed=0, out_dir=tmp_path / "run")
-    assert info2["loss"] == info["loss"]
+    assert info2.losses == info.losses
     np.testing.assert_array_equal(b2.predict_proba(records).proba, b.predict_proba(records).proba)
     assert (tmp_path / "run" / "train_log.json").is_file()
     assert (tmp_path / "run" / "model" / "model.pt").is_file()
     b3 = MiniBackend(_cfg(), cache_dir, progress=False)
-    assert b3.fit(records, mix="joint", seed=1)["loss"] != info["loss"]
+    assert b3.fit(records, mix="joint", seed=1).losses != info.losses
 
 
 def test_task_mixes_share_init_and_trunk_updates(records, cache_dir):
@@ -202,7 +202,7 @@ def test_task_mixes_share_init_and_trunk_updates(records, cache_dir):
     for mix in ("image", "intent", "joint"):
         b = MiniBackend(_cfg(), cache_dir, progress=False)
         info = b.fit(records, mix=mix, seed=3)
-        assert info["n_train"] == (18 if mix == "joint" else 9)
+        assert info.n_train == (18 if mix == "joint" else 9)
         p = b.predict_proba(records)  # any mix still predicts both tasks within candidates
         assert np.all(p.proba[~candidate_mask(records)] == 0.0)
         deltas[mix] = shared_parameter_delta(b)

@@ -456,9 +456,9 @@ def test_finetune_modes(base):
 # --------------------------------------------------------------------------- training
 def test_training_loss_falls(trained, base, train_set):
     backend, info, run = trained
-    curve = [c["loss"] for c in info["loss_curve"]]
-    assert len(curve) == CFG.train.max_steps == info["steps"]
-    assert info["losses"] == curve  # the flat form the seesaw reads
+    curve = [c["loss"] for c in info.extra["loss_curve"]]
+    assert len(curve) == CFG.train.max_steps == info.steps
+    assert list(info.losses) == curve  # the flat form the seesaw reads
     assert np.isfinite(curve).all()
     assert np.mean(curve[-3:]) < np.mean(curve[:3]) - 0.3, curve
     # the objective itself, measured without dropout or batch noise, before and after
@@ -467,9 +467,9 @@ def test_training_loss_falls(trained, base, train_set):
     before = evaluate_loss(load_model(base[0], CFG.model), base[2], train_set)
     after = evaluate_loss(backend.model, backend.encoder, train_set)
     assert after < before - 0.5, (before, after)
-    assert info["truncation"]["n_over_limit"] == 0 and info["n_used"] == info["n_train"]
+    assert info.extra["truncation"]["n_over_limit"] == 0 and info.extra["n_used"] == info.n_train
     assert (run / "checkpoint-4").is_dir() and (run / "checkpoint-8").is_dir()
-    assert 0 < info["trainable_params"] < 100_000
+    assert 0 < info.extra["trainable_params"] < 100_000
 
 
 def test_resume_continues_exactly(trained, train_set, cache, tmp_path):
@@ -479,9 +479,9 @@ def test_resume_continues_exactly(trained, train_set, cache, tmp_path):
     shutil.copy(run / "kdsl_fingerprint.txt", run2 / "kdsl_fingerprint.txt")
     b2 = QwenVLBackend(CFG, cache_dir=cache)
     info2 = b2.fit(train_set, mix="joint", seed=0, out_dir=run2)
-    assert info2["resumed_from"].endswith("checkpoint-4")
-    a = {c["step"]: c["loss"] for c in info["loss_curve"]}
-    b = {c["step"]: c["loss"] for c in info2["loss_curve"]}
+    assert info2.extra["resumed_from"].endswith("checkpoint-4")
+    a = {c["step"]: c["loss"] for c in info.extra["loss_curve"]}
+    b = {c["step"]: c["loss"] for c in info2.extra["loss_curve"]}
     assert sorted(b) == sorted(a)
     for s in range(5, 9):
         assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-5), (s, a, b)
@@ -656,6 +656,7 @@ def test_unparseable_gets_uniform_distribution():
         texts=["x", "气泡"],
         labels=[None, "气泡"],
         how=["unparseable", "exact"],
+        gold=["气泡", None],
     )
     assert g.unparseable_rate == 0.5 and g.counts == {"exact": 1, "normalised": 0, "unparseable": 1}
     p = g.to_predictions().proba
@@ -675,7 +676,7 @@ def test_full_finetune_fit_save_load(train_set, cache, tmp_path):
     b = QwenVLBackend(cfg, cache_dir=cache)
     before = {n: p.detach().clone() for n, p in load_model(b._base(), cfg.model).named_parameters()}
     info = b.fit(train_set, mix="image", seed=0, progress=False)
-    assert info["n_train"] == 4 and info["steps"] == 2
+    assert info.n_train == 4 and info.steps == 2
     after = dict(b.model.named_parameters())
     assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
     assert all(torch.equal(after[n], before[n]) for n in before if ".visual." in f".{n}")

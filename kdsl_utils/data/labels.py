@@ -8,6 +8,10 @@ which the synthetic generator reproduces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
 IMAGE_TASK = "image"
 INTENT_TASK = "intent"
 TASKS = (IMAGE_TASK, INTENT_TASK)
@@ -32,7 +36,15 @@ LABELS: dict[str, tuple[str, ...]] = {IMAGE_TASK: IMAGE_LABELS, INTENT_TASK: INT
 ALL_LABELS: tuple[str, ...] = IMAGE_LABELS + INTENT_LABELS
 LABEL_TO_TASK: dict[str, str] = {lab: t for t, labs in LABELS.items() for lab in labs}
 
+#: Column of each label in the pooled space: the one label index of the project.
+LABEL_INDEX: dict[str, int] = {lab: i for i, lab in enumerate(ALL_LABELS)}
+
 assert len(IMAGE_LABELS) == 25 and len(INTENT_LABELS) == 23 and len(LABEL_TO_TASK) == 48
+
+
+def label_indices(labels: Sequence[str | None]) -> np.ndarray:
+    """(n,) int64 column of each label in ``ALL_LABELS``; -1 for None (unlabelled)."""
+    return np.array([-1 if lab is None else LABEL_INDEX[lab] for lab in labels], dtype=np.int64)
 
 
 def _fold_width(s: str) -> str:

@@ -8,13 +8,13 @@ probability mass lies only on its own candidate labels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from ..data.labels import ALL_LABELS, TASKS
+from ..data.labels import ALL_LABELS, TASKS, label_indices
 from ..data.records import Record
 
 MIXES = ("image", "intent", "joint")  # task mixes of the seesaw experiment
@@ -34,19 +34,70 @@ def mix_tasks(mix: str) -> tuple[str, ...]:
 
 @dataclass
 class Predictions:
-    """Class probabilities for a list of records.
+    """Class probabilities for a list of records, with their gold labels where known.
 
     ``proba`` has shape (n_records, 48), columns in ``ALL_LABELS`` order, rows summing to 1
-    over the record's candidate labels. ``pred`` is the argmax label string per record.
+    over the record's candidate labels. ``gold`` holds each record's gold label string, or
+    None for an unlabelled record (a challenge test file); ``pred`` is the argmax label.
     """
 
     ids: list[str]
     tasks: list[str]
     proba: np.ndarray
+    gold: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.gold:
+            self.gold = [None] * len(self.ids)
+        if not (len(self.ids) == len(self.tasks) == len(self.gold) == len(self.proba)):
+            raise ValueError(f"Predictions: {len(self.ids)} ids, {len(self.tasks)} tasks, "
+                             f"{len(self.gold)} gold labels, {len(self.proba)} probability rows")
+
+    @classmethod
+    def for_records(cls, records: Sequence[Record], proba: np.ndarray) -> Predictions:
+        """Predictions aligned with ``records`` (ids, tasks and gold labels taken from them)."""
+        return cls(ids=[r.id for r in records], tasks=[r.task for r in records], proba=proba,
+                   gold=[r.label for r in records])
 
     @property
     def pred(self) -> list[str]:
         return [ALL_LABELS[i] for i in self.proba.argmax(axis=1)]
+
+    @property
+    def pred_idx(self) -> np.ndarray:
+        """(n,) int: argmax column per record."""
+        return self.proba.argmax(axis=1)
+
+    @property
+    def gold_idx(self) -> np.ndarray:
+        """(n,) int: gold label column per record, -1 where the record is unlabelled."""
+        return label_indices(self.gold)
+
+    @property
+    def labelled(self) -> bool:
+        """True when every record has a gold label (the split can be scored)."""
+        return all(g is not None for g in self.gold)
+
+
+@dataclass(frozen=True)
+class FitLog:
+    """What one ``Backend.fit`` did. ``losses`` is the training loss curve (per epoch for
+    mini, per logging step for qwen_vl); ``extra`` holds backend-specific details."""
+
+    mix: str
+    seed: int
+    n_train: int
+    wall_s: float  # seconds, the whole fit (features included)
+    losses: tuple[float, ...] = ()
+    steps: int = 0  # optimizer steps
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        return float(self.losses[-1]) if self.losses else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Backend(Protocol):
@@ -55,7 +106,7 @@ class Backend(Protocol):
     the three task mixes share one input space and one initialisation per seed."""
 
     def fit(self, train: Sequence[Record], *, mix: str, seed: int,
-            out_dir: Path | None = None) -> dict: ...
+            out_dir: Path | None = None) -> FitLog: ...
 
     def predict_proba(self, records: Sequence[Record]) -> Predictions: ...
 

@@ -84,13 +84,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import MiniCfg, Profile
-from ..data.labels import ALL_LABELS, TASKS
+from ..data.labels import ALL_LABELS, LABEL_INDEX, TASKS
 from ..data.records import Record
 from ..features import (E5Embedder, EfficientNetEmbedder, FeatureCache, embed_images,
                         embed_texts, ocr_images, ocr_text, torch_threads)
-from .base import Predictions, select_mix
+from .base import FitLog, Predictions, select_mix
 
-LABEL_INDEX = {lab: i for i, lab in enumerate(ALL_LABELS)}
 N_LAYOUT = 6
 _BLOB = re.compile(r"\{[^{}]*\}")
 
@@ -346,7 +345,7 @@ class MiniBackend:
 
     # -- training
     def fit(self, train: Sequence[Record], *, mix: str, seed: int,
-            out_dir: Path | None = None) -> dict:
+            out_dir: Path | None = None) -> FitLog:
         import torch
 
         t0 = time.perf_counter()
@@ -367,14 +366,15 @@ class MiniBackend:
                      "n_by_task": {t: sum(r.task == t for r in recs) for t in TASKS},
                      "n_sparse": self.featurizer.n_sparse, "n_dense": self.featurizer.n_dense,
                      "n_params": sum(p.numel() for p in self.model.parameters())}
-        info = {**self.meta, "loss": losses, "wall_s": time.perf_counter() - t0,
-                "features_s": t_feat}
+        steps = self.mcfg.epochs * -(-len(recs) // self.mcfg.batch_size)  # epochs x batches
+        log = FitLog(mix=mix, seed=seed, n_train=len(recs), wall_s=time.perf_counter() - t0,
+                     losses=tuple(losses), steps=steps, extra={**self.meta, "features_s": t_feat})
         if out_dir is not None:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "train_log.json").write_text(json.dumps(info, indent=1))
+            (out_dir / "train_log.json").write_text(json.dumps(log.to_dict(), indent=1))
             self.save(out_dir / "model")
-        return info
+        return log
 
     def _train(self, xs, xd, mask, y, seed: int) -> list[float]:
         import torch
@@ -421,8 +421,7 @@ class MiniBackend:
                 *xb, mb = _batch(xs, xd, mask, rows)
                 p = torch.softmax(self.model(*xb, mb).double(), dim=1)
                 out[rows] = p.numpy()
-        return Predictions(ids=[r.id for r in records], tasks=[r.task for r in records],
-                           proba=out)
+        return Predictions.for_records(records, out)
 
     # -- persistence
     def save(self, path: str | Path) -> None:

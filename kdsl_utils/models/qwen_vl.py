@@ -42,7 +42,7 @@ import torch
 
 from ..config import ModelCfg, Profile
 from ..data.records import Record
-from .base import Predictions, select_mix
+from .base import FitLog, Predictions, select_mix
 from .sft import RecordEncoder, chat_messages, format_answer, format_prompt
 
 LM_MODULES = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
@@ -298,7 +298,7 @@ class QwenVLBackend:
         self.model = None
         self.processor = None
         self.encoder: RecordEncoder | None = None
-        self.fit_info: dict[str, Any] = {}
+        self.fit_info: FitLog | None = None
 
     # ---- loading
     @property
@@ -349,7 +349,7 @@ class QwenVLBackend:
         out_dir: Path | None = None,
         resume: bool = True,
         progress: bool = True,
-    ) -> dict:
+    ) -> FitLog:
         """Fine-tune the base on ``mix`` of ``train``; returns loss curve, counts, wall time."""
         from .. import train as training
 
@@ -386,22 +386,14 @@ class QwenVLBackend:
                 progress=progress,
             )
         self.model.eval()
-        self.fit_info = {
-            "mix": mix,
-            "seed": seed,
-            "n_train": len(records),
-            "n_used": result.n_examples,
-            "loss_curve": result.loss_curve,
-            "losses": [c["loss"] for c in result.loss_curve],
-            "steps": result.steps,
-            "train_wall_s": result.wall_s,
-            "truncation": result.truncation,
-            "checkpoint_dir": result.checkpoint_dir,
-            "resumed_from": result.resumed_from,
-            "trainable_params": result.trainable_params,
-            "wall_s": time.perf_counter() - t0,
-        }
-        return dict(self.fit_info)
+        self.fit_info = FitLog(
+            mix=mix, seed=seed, n_train=len(records), wall_s=time.perf_counter() - t0,
+            losses=tuple(c["loss"] for c in result.loss_curve), steps=result.steps,
+            extra={"n_used": result.n_examples, "loss_curve": result.loss_curve,
+                   "train_wall_s": result.wall_s, "truncation": result.truncation,
+                   "checkpoint_dir": result.checkpoint_dir, "resumed_from": result.resumed_from,
+                   "trainable_params": result.trainable_params})
+        return self.fit_info
 
     def _ensure(self) -> None:
         if self.model is None:  # zero-shot: the base model as it is
@@ -501,7 +493,7 @@ class QwenVLBackend:
             "weights": "adapter" if is_peft else "model",
             "profile": self.cfg.name,
             "model_cfg": self.cfg.model.__dict__,
-            "fit": self.fit_info,
+            "fit": self.fit_info.to_dict() if self.fit_info is not None else None,
         }
         (path / META_FILE).write_text(
             json.dumps(meta, ensure_ascii=False, indent=1, default=str), encoding="utf-8"
@@ -534,7 +526,7 @@ class QwenVLBackend:
         else:
             self.model = load_model(path / "model", m, device=cfg.device)
         self.model.eval()
-        self.fit_info = meta.get("fit", {})
+        self.fit_info = FitLog(**meta["fit"]) if meta.get("fit") else None
         return self
 
 

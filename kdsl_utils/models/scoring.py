@@ -259,7 +259,7 @@ def score_records(
         all_lps.append(lps)
         cands.append(tuple(rec.candidates))
     proba = np.vstack(rows) if rows else np.zeros((0, len(ALL_LABELS)))
-    preds = Predictions(ids=[r.id for r in records], tasks=[r.task for r in records], proba=proba)
+    preds = Predictions.for_records(records, proba)
     return ScoreResult(
         predictions=preds,
         candidates=cands,
@@ -325,6 +325,7 @@ class GenerationResult:
     tasks: list[str]
     candidates: list[tuple[str, ...]]
     texts: list[str]
+    gold: list[str | None]  # the records' gold labels (None: unlabelled)
     labels: list[str | None]
     how: list[str]
     wall_s: float = 0.0
@@ -352,7 +353,8 @@ class GenerationResult:
                 p[cands.index(lab)] = 1.0
             rows.append(_fill_row(cands, p))
         proba = np.vstack(rows) if rows else np.zeros((0, len(ALL_LABELS)))
-        return Predictions(ids=list(self.ids), tasks=list(self.tasks), proba=proba)
+        return Predictions(ids=list(self.ids), tasks=list(self.tasks), proba=proba,
+                           gold=list(self.gold))
 
 
 # --------------------------------------------------------------------------- generation
@@ -472,6 +474,7 @@ def generate_labels(
         tasks=[r.task for r in records],
         candidates=[tuple(r.candidates) for r in records],
         texts=texts,
+        gold=[r.label for r in records],
         labels=list(labels),
         how=list(how),
         wall_s=time.perf_counter() - t0,

@@ -21,18 +21,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data.labels import ALL_LABELS
+from ..data.labels import ALL_LABELS, LABEL_INDEX, label_indices  # noqa: F401 (re-exported)
 from .schema import FIELDS, Condition, Rule
 
-LABEL_INDEX: dict[str, int] = {lab: i for i, lab in enumerate(ALL_LABELS)}
 IMAGE_PLACEHOLDER = "<image>"
 _NUMERIC = {"eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "ge": operator.ge,
             "lt": operator.lt, "le": operator.le}
-
-
-def label_indices(labels: Sequence[str | None]) -> np.ndarray:
-    """Label strings (or None) -> int array of ``ALL_LABELS`` indices (-1 for None)."""
-    return np.array([-1 if lab is None else LABEL_INDEX[lab] for lab in labels], dtype=np.int64)
 
 
 def label_strings(idx: np.ndarray) -> list[str | None]:
