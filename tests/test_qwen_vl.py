@@ -41,6 +41,7 @@ from kdsl_utils.models.scoring import (
     score_candidates,
     score_candidates_naive,
 )
+from kdsl_utils.models.hf_train import resumable_checkpoint, run_fingerprint
 from kdsl_utils.models.tiny import tiny_model_dir
 
 # One xdist worker runs the whole module: its fixtures (synthetic data, the twin, a
@@ -201,15 +202,27 @@ def _long_dialogue(tmp_path: Path, n_turns=8, rid="a" * 30) -> list:
     return load_split(tmp_path / "train.json")[0]
 
 
-def test_smart_resize_matches_transformers():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+def test_planned_visual_tokens_equal_the_processor(base, tmp_path):
+    """The planner's token count (image header + transformers' smart_resize) equals what the
+    image processor produces, for non-square sizes both ways round (a (w, h) / (h, w) mix-up
+    fails here)."""
+    from kdsl_utils.data.tokens import image_size, visual_tokens
 
+    _, proc, enc = base
+    ip = proc.image_processor
     rng = np.random.default_rng(0)
-    for h, w in rng.integers(20, 3000, size=(200, 2)):
-        for lo, hi in ((4 * 784, 16 * 784), (64 * 784, 768 * 784)):
-            assert sft.smart_resize(int(h), int(w), 28, lo, hi) == smart_resize(
-                int(h), int(w), 28, lo, hi
-            )
+    for k, (w, h) in enumerate(rng.integers(20, 700, size=(12, 2))):
+        if w == h:
+            continue
+        p = _write_img(tmp_path / f"{k}.png", (int(w), int(h)), seed=k)
+        assert image_size(p) == (w, h)
+        for lo, hi in ((enc.min_pixels, enc.max_pixels), (4 * 784, 64 * 784)):
+            grid = ip(images=[Image.open(p).convert("RGB")],
+                      size={"shortest_edge": lo, "longest_edge": hi})["image_grid_thw"]
+            want = int(grid.prod()) // (ip.merge_size ** 2)
+            assert visual_tokens(int(w), int(h), lo, hi) == want, (w, h, lo, hi)
+            if lo == enc.min_pixels:  # the encoder's own bounds: its cached-size path too
+                assert enc.n_image_tokens(p, hi) == want, (w, h, hi)
 
 
 def test_chat_format_equals_qwen2vl_template(train_set, base):
@@ -454,6 +467,27 @@ def test_finetune_modes(base):
 
 
 # --------------------------------------------------------------------------- training
+def evaluate_loss(model, encoder, records, *, batch_size: int = 4) -> float:
+    """Mean answer-token negative log-likelihood (the training objective) over ``records``,
+    in eval mode (no dropout), summed over tokens and divided once (not a mean of batch means)."""
+    ds = sft.SFTDataset(records, encoder)
+    collate = sft.SFTCollator(encoder, padding_side="right")
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ds), batch_size):
+            b = collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
+            labels = b.pop("labels")
+            lp = torch.log_softmax(model(**b).logits.float()[:, :-1], dim=-1)
+            tgt = labels[:, 1:]
+            m = tgt != -100
+            total -= lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)[m].sum().item()
+            n += int(m.sum())
+    model.train(was_training)
+    return total / max(n, 1)
+
+
 def test_training_loss_falls(trained, base, train_set):
     backend, info, run = trained
     curve = [c["loss"] for c in info.extra["loss_curve"]]
@@ -462,8 +496,6 @@ def test_training_loss_falls(trained, base, train_set):
     assert np.isfinite(curve).all()
     assert np.mean(curve[-3:]) < np.mean(curve[:3]) - 0.3, curve
     # the objective itself, measured without dropout or batch noise, before and after
-    from kdsl_utils.train import evaluate_loss
-
     before = evaluate_loss(load_model(base[0], CFG.model), base[2], train_set)
     after = evaluate_loss(backend.model, backend.encoder, train_set)
     assert after < before - 0.5, (before, after)
@@ -488,8 +520,6 @@ def test_resume_continues_exactly(trained, train_set, cache, tmp_path):
 
 
 def test_checkpoint_of_another_run_is_not_resumed(trained, train_set, tmp_path):
-    from kdsl_utils.train import resumable_checkpoint, run_fingerprint
-
     _, _, run = trained
     run2 = tmp_path / "run"
     shutil.copytree(run / "checkpoint-4", run2 / "checkpoint-4")
@@ -697,22 +727,39 @@ def test_full_finetune_fit_save_load(train_set, cache, tmp_path):
 
 
 def test_accelerate_configs(tmp_path, capsys):
-    """The documented multi-GPU configs are valid YAML that accelerate's loader accepts."""
-    yaml = pytest.importorskip("yaml")
+    """The checked-in multi-GPU recipes (recipes/accelerate/*.yaml) load, pass accelerate's
+    own loader, wrap layer classes that exist in Qwen2-VL, and can be re-written for
+    another process count."""
+    import yaml
     from accelerate.commands.config.config_args import ClusterConfig
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-    from kdsl_utils.train import main, write_accelerate_config
+    from kdsl_utils.models.launch import (RECIPES, accelerate_config, accelerate_config_path,
+                                          main, validate_accelerate_config,
+                                          write_accelerate_config)
 
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == ["fsdp.yaml", "zero3.yaml"]
     for kind, dist in (("fsdp", "FSDP"), ("zero3", "DEEPSPEED")):
+        raw = yaml.safe_load(accelerate_config_path(kind).read_text())
+        assert raw["distributed_type"] == dist and raw["mixed_precision"] == "bf16"
+        assert ClusterConfig.from_yaml_file(str(accelerate_config_path(kind))).num_processes == 8
         path = write_accelerate_config(tmp_path / f"{kind}.yaml", kind, num_processes=4)
         cfg = yaml.safe_load(path.read_text())
         assert cfg["distributed_type"] == dist and cfg["num_processes"] == 4
-        loaded = ClusterConfig.from_yaml_file(str(path))
-        assert loaded.num_processes == 4
+        assert ClusterConfig.from_yaml_file(str(path)).num_processes == 4
+    wrap = accelerate_config("fsdp")["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+    for cls in wrap.split(","):
+        assert hasattr(modeling_qwen2_vl, cls), cls
+    assert accelerate_config("zero3", grad_accum=2)["deepspeed_config"]["gradient_accumulation_steps"] == 2
     assert main(["--write-accelerate-config", "fsdp", "--num-processes", "2"]) == 0
-    assert "fsdp_transformer_layer_cls_to_wrap: Qwen2VLDecoderLayer" in capsys.readouterr().out
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["num_processes"] == 2 and "Qwen2VLDecoderLayer" in out["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
     with pytest.raises(ValueError, match="unknown accelerate config"):
         write_accelerate_config(tmp_path / "x.yaml", "zero2")
+    with pytest.raises(ValueError, match="not DEEPSPEED"):
+        validate_accelerate_config({**accelerate_config("fsdp")}, "zero3")
+    with pytest.raises(ValueError, match="unknown accelerate config keys"):  # not ignored
+        validate_accelerate_config({**accelerate_config("fsdp"), "num_processs": 2}, "fsdp")
 
 
 def test_twin_is_independent_of_the_split(cache, base, train_set):

@@ -47,12 +47,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.labels import ALL_LABELS
+from tqdm.auto import tqdm
+
+from ..data.labels import ALL_LABELS, LABEL_INDEX
 from ..data.records import Record
 from .base import Predictions
 from .sft import RecordEncoder, SFTCollator
 
-LABEL_INDEX = {lab: i for i, lab in enumerate(ALL_LABELS)}
 LENGTH_NORMS = ("sum", "mean")
 
 
@@ -244,8 +245,6 @@ def score_records(
     rows, all_scores, all_lps, cands = [], [], [], []
     it = zip(records, plans)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, total=len(records), desc="label scoring")
     for rec, plan in it:
         enc = encoder.encode(plan)

@@ -21,7 +21,7 @@ Decisions
   end-of-turn ``<|im_end|>`` that follows them: the model learns the label and to stop. The
   trailing ``\\n`` of the template is masked.
 * **Truncation never cuts image tokens.** A prompt is planned (:meth:`RecordEncoder.plan`)
-  before any pixel is processed, from image sizes alone (``smart_resize`` arithmetic), so the
+  before any pixel is processed, from image sizes alone (transformers' ``smart_resize``), so the
   visual-token count of every image is known. When prompt + the longest candidate answer
   exceeds ``max_length``, these rules apply in order, each only while still over the limit:
 
@@ -55,6 +55,7 @@ from PIL import Image
 
 from ..data.prompts import DIALOGUE_END, DIALOGUE_START
 from ..data.records import AGENT, IMAGE_TOKEN, USER, Record
+from ..data.tokens import image_size, visual_tokens
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -106,34 +107,6 @@ def chat_messages(
 def load_image(path: Path | str) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
-
-
-def image_size(path: Path | str) -> tuple[int, int]:
-    """(height, width) from the image header, without decoding pixels."""
-    with Image.open(path) as im:
-        w, h = im.size
-    return h, w
-
-
-def smart_resize(
-    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
-    """Qwen2-VL's resize rule (identical to transformers' ``smart_resize``; tested against it)."""
-    import math
-
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {height}x{width}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 # --------------------------------------------------------------------------- planning
@@ -282,13 +255,12 @@ class RecordEncoder:
         return max((len(self.label_ids(c)) for c in candidates), default=1) + len(self._newline_ids)
 
     def n_image_tokens(self, path: Path, max_pixels: int | None = None) -> int:
+        """Visual tokens of the image at ``path`` under ``max_pixels`` (header read once)."""
         if path not in self._size_cache:
             self._size_cache[path] = image_size(path)
-        h, w = self._size_cache[path]
-        rh, rw = smart_resize(
-            h, w, self.patch * self.merge, self.min_pixels, max_pixels or self.max_pixels
-        )
-        return (rh // self.patch) * (rw // self.patch) // (self.merge**2)
+        w, h = self._size_cache[path]
+        return visual_tokens(w, h, self.min_pixels, max_pixels or self.max_pixels,
+                             patch=self.patch, merge=self.merge)
 
     def _measure(
         self, instruction: str, images: Sequence[Path], max_pixels: int
