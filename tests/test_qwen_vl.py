@@ -393,9 +393,9 @@ def test_truncation_never_cuts_image_tokens(tmp_path, base, expect):
     assert d["n_text_cut"] == (expect in ("text", "over_limit"))
     if expect == "full":
         assert plan.instruction == rec.instruction and plan.images == rec.images
-    ds = sft.SFTDataset([rec], enc)
+    ds, ds_report = sft.sft_dataset([rec], enc)
     assert len(ds) == (0 if expect == "over_limit" else 1)
-    assert ds.report.as_dict()["n_dropped"] == (expect == "over_limit")
+    assert ds_report.as_dict()["n_dropped"] == (expect == "over_limit")
 
 
 def test_hub_layout_processor_loading(tmp_path, base):
@@ -470,7 +470,7 @@ def test_finetune_modes(base):
 def evaluate_loss(model, encoder, records, *, batch_size: int = 4) -> float:
     """Mean answer-token negative log-likelihood (the training objective) over ``records``,
     in eval mode (no dropout), summed over tokens and divided once (not a mean of batch means)."""
-    ds = sft.SFTDataset(records, encoder)
+    ds, _ = sft.sft_dataset(records, encoder)
     collate = sft.SFTCollator(encoder, padding_side="right")
     was_training = model.training
     model.eval()
@@ -779,3 +779,30 @@ def test_small_model_generator(cache):
     out = generate("请为标签“商品材质”写一条规则。对话：用户: <image> 这是什么材质")
     assert isinstance(out, str)
     assert count_tokens("商品材质") > 0 and count_tokens("") == 0
+
+
+def test_plans_are_a_cached_datasets_table(base, train_set, tmp_path, monkeypatch):
+    """Training and scoring read a ``datasets.Dataset``: records -> rows -> ``plan_*`` columns
+    by ``map`` (cached in an Arrow file keyed by records + encoder) -> lazy encoding."""
+    import datasets
+
+    _, _, enc = base
+    ds, report = sft.plan_dataset(train_set, enc, cache_dir=tmp_path)
+    assert isinstance(ds, datasets.Dataset) and len(ds) == len(train_set)
+    assert [p.record_id for p in sft.plans_of(ds)] == [r.id for r in train_set]
+    assert sft.plans_of(ds) == [enc.plan(r) for r in train_set]
+    assert report.as_dict() == enc.plan_all(train_set)[1].as_dict()
+    assert len(list(tmp_path.glob("plan-*.arrow"))) == 1
+
+    def no_planning(batch):
+        raise AssertionError("planned again despite the cache")
+
+    monkeypatch.setattr(enc, "_plan_rows", no_planning)
+    again, _ = sft.plan_dataset(train_set, enc, cache_dir=tmp_path)
+    assert again["plan_n_tokens"] == ds["plan_n_tokens"]
+    with pytest.raises(AssertionError, match="planned again"):  # other records: a new plan
+        sft.plan_dataset(train_set[1:], enc, cache_dir=tmp_path)
+    monkeypatch.undo()
+    train, _ = sft.sft_dataset(train_set, enc)
+    ex = train[0]
+    assert ex["input_ids"].ndim == 1 and (ex["labels"] != sft.IGNORE_INDEX).sum() > 0

@@ -33,7 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import TrainCfg
 from ..data.records import Record
-from .sft import SFTCollator, SFTDataset
+from .sft import SFTCollator, sft_dataset
 
 FINGERPRINT_FILE = "kdsl_fingerprint.txt"
 
@@ -139,7 +139,7 @@ def train_sft(
     """
     t0 = time.perf_counter()
     set_seed(seed)
-    dataset = SFTDataset(records, encoder)
+    dataset, report = sft_dataset(records, encoder)
     if len(dataset) == 0:
         raise ValueError("no training example fits max_length (see the truncation report)")
     tmp = None
@@ -189,7 +189,7 @@ def train_sft(
             steps=int(trainer.state.global_step),
             wall_s=time.perf_counter() - t0,
             n_examples=len(dataset),
-            truncation=dataset.report.as_dict(),
+            truncation=report.as_dict(),
             checkpoint_dir=output_dir if out_dir else None,
             resumed_from=ckpt,
             trainable_params=trainable,

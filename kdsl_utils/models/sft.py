@@ -43,17 +43,22 @@ Decisions
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from PIL import Image
 
 from ..data.prompts import DIALOGUE_END, DIALOGUE_START
+from ..data.hf import quiet_progress, to_hf_dataset
 from ..data.records import AGENT, IMAGE_TOKEN, USER, Record
 from ..data.tokens import image_size, visual_tokens
 
@@ -66,6 +71,8 @@ IGNORE_INDEX = -100
 _TURN_LINE = re.compile(rf"^({USER}|{AGENT})[:：]")
 
 STATUSES = ("full", "turns", "downscale", "text", "over_limit")
+PLAN_FORMAT = 1  # bump when the planning rules change: cached plans of older rules are stale
+ENCODED_KEYS = ("input_ids", "labels", "prompt_len", "pixel_values", "image_grid_thw")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -125,6 +132,40 @@ class PromptPlan:
     turns_dropped: int = 0
     images_dropped: int = 0
     chars_cut: int = 0
+    rules: tuple[str, ...] = ()  # every rule applied, in order (``status`` is the last)
+
+    def to_row(self) -> dict[str, Any]:
+        """The plan as ``plan_*`` columns of a dataset row (see :data:`PLAN_FEATURES`)."""
+        return {
+            "plan_instruction": self.instruction, "plan_text": self.text,
+            "plan_images": [str(p) for p in self.images],
+            "plan_image_tokens": list(self.image_tokens), "plan_max_pixels": self.max_pixels,
+            "plan_n_tokens": self.n_tokens, "plan_status": self.status,
+            "plan_rules": list(self.rules), "plan_turns_dropped": self.turns_dropped,
+            "plan_images_dropped": self.images_dropped, "plan_chars_cut": self.chars_cut,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PromptPlan:
+        """The plan of a row of :func:`plan_dataset` (record id from its ``id`` column)."""
+        return cls(
+            record_id=row["id"], instruction=row["plan_instruction"], text=row["plan_text"],
+            images=tuple(Path(p) for p in row["plan_images"]),
+            image_tokens=tuple(row["plan_image_tokens"]), max_pixels=row["plan_max_pixels"],
+            n_tokens=row["plan_n_tokens"], status=row["plan_status"],
+            turns_dropped=row["plan_turns_dropped"], images_dropped=row["plan_images_dropped"],
+            chars_cut=row["plan_chars_cut"], rules=tuple(row["plan_rules"]),
+        )
+
+
+_INT = datasets.Value("int64")
+PLAN_FEATURES = {
+    "plan_instruction": datasets.Value("string"), "plan_text": datasets.Value("string"),
+    "plan_images": datasets.List(datasets.Value("string")),
+    "plan_image_tokens": datasets.List(_INT), "plan_max_pixels": _INT, "plan_n_tokens": _INT,
+    "plan_status": datasets.Value("string"), "plan_rules": datasets.List(datasets.Value("string")),
+    "plan_turns_dropped": _INT, "plan_images_dropped": _INT, "plan_chars_cut": _INT,
+}
 
 
 @dataclass
@@ -142,6 +183,13 @@ class TruncationReport:
     n_over_limit: int = 0
     over_limit_ids: list[str] = field(default_factory=list)
     dropped_ids: list[str] = field(default_factory=list)  # removed from training
+
+    @classmethod
+    def of_plans(cls, plans: Sequence[PromptPlan]) -> TruncationReport:
+        report = cls()
+        for p in plans:
+            report.add(p, p.rules)
+        return report
 
     def add(self, plan: PromptPlan, rules: Sequence[str]) -> None:
         self.n += 1
@@ -275,14 +323,19 @@ class RecordEncoder:
         return self._plan(record)[0]
 
     def _plan(self, record: Record) -> tuple[PromptPlan, list[str]]:
-        budget = self.max_length - self.answer_reserve(record.candidates)
-        images = list(record.images)
-        if record.instruction.count(IMAGE_TOKEN) != len(images):
+        return self._plan_parts(record.id, record.instruction, list(record.images),
+                                record.candidates)
+
+    def _plan_parts(self, record_id: str, instruction: str, images: list[Path],
+                    candidates: Sequence[str]) -> tuple[PromptPlan, list[str]]:
+        budget = self.max_length - self.answer_reserve(candidates)
+        images = list(images)
+        if instruction.count(IMAGE_TOKEN) != len(images):
             raise ValueError(
-                f"record {record.id}: {record.instruction.count(IMAGE_TOKEN)} <image> "
+                f"record {record_id}: {instruction.count(IMAGE_TOKEN)} <image> "
                 f"placeholders but {len(images)} images"
             )
-        instruction, max_px = record.instruction, self.max_pixels
+        max_px = self.max_pixels
         text, img_tok, n = self._measure(instruction, images, max_px)
         rules: list[str] = []
         turns_dropped = images_dropped = chars_cut = 0
@@ -343,7 +396,7 @@ class RecordEncoder:
             rules.append("over_limit")
         status = rules[-1] if rules else "full"
         plan = PromptPlan(
-            record_id=record.id,
+            record_id=record_id,
             instruction=instruction,
             text=text,
             images=tuple(images),
@@ -354,17 +407,45 @@ class RecordEncoder:
             turns_dropped=turns_dropped,
             images_dropped=images_dropped,
             chars_cut=chars_cut,
+            rules=tuple(rules),
         )
         assert plan.instruction.count(IMAGE_TOKEN) == len(plan.images)
         return plan, rules
 
     def plan_all(self, records: Sequence[Record]) -> tuple[list[PromptPlan], TruncationReport]:
-        report, plans = TruncationReport(), []
-        for r in records:
-            plan, rules = self._plan(r)
-            report.add(plan, rules)
-            plans.append(plan)
-        return plans, report
+        """The plans of ``records`` (through :func:`plan_dataset`) and their report."""
+        ds, report = plan_dataset(records, self)
+        return plans_of(ds), report
+
+    # ---- the dataset path (datasets.Dataset rows)
+    def _plan_rows(self, batch: dict[str, list]) -> dict[str, list]:
+        """``map`` function: the ``plan_*`` columns of a batch of :func:`to_hf_dataset` rows."""
+        out: dict[str, list] = {k: [] for k in PLAN_FEATURES}
+        for rid, instr, imgs, cands in zip(batch["id"], batch["instruction"], batch["images"],
+                                           batch["candidates"]):
+            plan, _ = self._plan_parts(rid, instr, [Path(p) for p in imgs], cands)
+            for k, v in plan.to_row().items():
+                out[k].append(v)
+        return out
+
+    def encode_rows(self, batch: dict[str, list]) -> dict[str, list]:
+        """``with_transform`` function: model inputs (see :meth:`encode`) of a batch of planned
+        rows, with the answer and its labels where the row has a ``label``."""
+        encs = [self.encode(PromptPlan.from_row({k: batch[k][i] for k in batch}),
+                            batch["label"][i] if "label" in batch else None)
+                for i in range(len(batch["id"]))]
+        return {k: [e[k] for e in encs] for k in ENCODED_KEYS}
+
+    @cached_property
+    def plan_key(self) -> str:
+        """What a plan depends on besides the record: the budget, pixel bounds, system
+        prompt, patch geometry and the tokenizer itself (its full serialisation)."""
+        tok = self.tokenizer
+        vocab = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok)
+        h = hashlib.sha256(json.dumps([PLAN_FORMAT, self.max_length, self.min_pixels,
+                                       self.max_pixels, self.system, self.patch, self.merge]).encode())
+        h.update(vocab.encode("utf-8"))
+        return h.hexdigest()
 
     # ---- encoding
     def encode(self, plan: PromptPlan, answer: str | None = None) -> dict[str, Any]:
@@ -411,33 +492,70 @@ class RecordEncoder:
         return t
 
 
-class SFTDataset(torch.utils.data.Dataset):
-    """Training examples; prompts planned up front, pixels processed lazily per item."""
+def _image_stamp(path: str) -> list:
+    """What an image contributes to a plan key: path, size and modification time."""
+    st = Path(path).stat()
+    return [path, st.st_size, st.st_mtime_ns]
 
-    def __init__(
-        self, records: Sequence[Record], encoder: RecordEncoder, *, drop_over_limit: bool = True
-    ):
-        unlabelled = [r.id for r in records if r.label is None]
-        if unlabelled:
-            raise ValueError(
-                f"{len(unlabelled)} training record(s) have no label, e.g. {unlabelled[0]}"
-            )
-        self.encoder = encoder
-        plans, self.report = encoder.plan_all(records)
-        keep = []
-        for r, p in zip(records, plans):
-            if drop_over_limit and p.status == "over_limit":
-                self.report.dropped_ids.append(r.id)
-            else:
-                keep.append((p, r.label))
-        self.items = keep
 
-    def __len__(self) -> int:
-        return len(self.items)
+def plan_dataset(
+    records: Sequence[Record], encoder: RecordEncoder, *, cache_dir: Path | str | None = None
+) -> tuple[datasets.Dataset, TruncationReport]:
+    """Records as a ``datasets.Dataset`` (:func:`~kdsl_utils.data.hf.to_hf_dataset`) with
+    their token plans added by ``map`` (``plan_*`` columns, :meth:`PromptPlan.to_row`), and
+    the truncation report of those plans.
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        plan, label = self.items[i]
-        return self.encoder.encode(plan, label)
+    The map's fingerprint is computed here from the records (ids, prompts, candidates, image
+    paths with size and mtime) and :attr:`RecordEncoder.plan_key`, rather than by hashing the
+    bound method (which would pickle the processor). With ``cache_dir`` the planned table is
+    an Arrow file named by that fingerprint there, and a later call with the same records and
+    encoder loads it instead of planning again."""
+    ds = to_hf_dataset(records)
+    h = hashlib.sha256(encoder.plan_key.encode())
+    for r in records:
+        h.update(json.dumps([r.id, r.instruction, list(r.candidates),
+                             [_image_stamp(str(p)) for p in r.images]]).encode())
+    fp = h.hexdigest()[:32]
+    cache_file = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"plan-{fp}.arrow")
+    with quiet_progress():
+        planned = ds.map(encoder._plan_rows, batched=True, batch_size=64,
+                         features=datasets.Features({**ds.features, **PLAN_FEATURES}),
+                         new_fingerprint=fp, cache_file_name=cache_file,
+                         load_from_cache_file=True)
+    return planned, TruncationReport.of_plans(plans_of(planned))
+
+
+def plans_of(ds: datasets.Dataset) -> list[PromptPlan]:
+    """The :class:`PromptPlan` of every row of a :func:`plan_dataset` table."""
+    return [PromptPlan.from_row(row) for row in ds.select_columns(["id", *PLAN_FEATURES]).to_list()]
+
+
+def sft_dataset(
+    records: Sequence[Record],
+    encoder: RecordEncoder,
+    *,
+    drop_over_limit: bool = True,
+    cache_dir: Path | str | None = None,
+) -> tuple[datasets.Dataset, TruncationReport]:
+    """Training examples: :func:`plan_dataset` without the over-limit records (their ids in
+    ``report.dropped_ids``), pixels processed lazily per item by ``with_transform``
+    (:meth:`RecordEncoder.encode_rows`: ``input_ids``, ``labels``, ``prompt_len``,
+    ``pixel_values``, ``image_grid_thw``), in record order."""
+    unlabelled = [r.id for r in records if r.label is None]
+    if unlabelled:
+        raise ValueError(
+            f"{len(unlabelled)} training record(s) have no label, e.g. {unlabelled[0]}"
+        )
+    ds, report = plan_dataset(records, encoder, cache_dir=cache_dir)
+    status = ds["plan_status"]
+    if drop_over_limit:
+        report.dropped_ids.extend(r.id for r, st in zip(records, status) if st == "over_limit")
+        ds = ds.select([i for i, st in enumerate(status) if st != "over_limit"])
+    ds = ds.with_transform(encoder.encode_rows, columns=["id", "label", *PLAN_FEATURES])
+    return ds, report
 
 
 class SFTCollator:
