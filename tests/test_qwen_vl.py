@@ -41,7 +41,8 @@ from kdsl_utils.models.scoring import (
     score_candidates,
     score_candidates_naive,
 )
-from kdsl_utils.models.hf_train import resumable_checkpoint, run_fingerprint
+from kdsl_utils.models.hf_train import (DONE_FILE, resumable_checkpoint, run_fingerprint,
+                                        train_sft, trainable_state)
 from kdsl_utils.models.tiny import tiny_model_dir
 
 # One xdist worker runs the whole module: its fixtures (synthetic data, the twin, a
@@ -517,6 +518,61 @@ def test_resume_continues_exactly(trained, train_set, cache, tmp_path):
     assert sorted(b) == sorted(a)
     for s in range(5, 9):
         assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-5), (s, a, b)
+
+
+def test_finished_training_is_loaded_not_continued(train_set, cache, held, tmp_path):
+    """A rerun on the directory of a finished run loads its weights: no step 9, the same
+    model bit for bit, the same recorded loss curve. Six records: 3 steps per epoch, so
+    max_steps 8 ends inside an epoch (where the Trainer, resumed from checkpoint-8, used to
+    train step 9, then 10 on the next rerun)."""
+    recs, run = train_set[:6], tmp_path / "run"
+    backend = QwenVLBackend(CFG, cache_dir=cache)
+    info = backend.fit(recs, mix="joint", seed=0, out_dir=run)
+    assert info.steps == CFG.train.max_steps and not info.extra["loaded_finished"]
+    for _ in range(2):  # every rerun, not only the first
+        b2 = QwenVLBackend(CFG, cache_dir=cache)
+        info2 = b2.fit(recs, mix="joint", seed=0, out_dir=run)
+        assert info2.steps == CFG.train.max_steps, info2.steps
+        assert info2.extra["loaded_finished"] and info2.losses == info.losses
+        assert not list(run.glob(f"checkpoint-{CFG.train.max_steps + 1}"))
+        a, b = trainable_state(backend.model), trainable_state(b2.model)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    held_recs = _pick(held, 1, 1)
+    np.testing.assert_array_equal(b2.predict_proba(held_recs).proba,
+                                  backend.predict_proba(held_recs).proba)
+    # another seed on the same directory is another run: trained afresh, not loaded
+    with pytest.warns(UserWarning, match="different run"):
+        info3 = QwenVLBackend(CFG, cache_dir=cache).fit(recs, mix="joint", seed=1, out_dir=run)
+    assert not info3.extra["loaded_finished"] and info3.losses != info.losses
+
+
+def test_crash_mid_training_resumes_bit_for_bit(trained, train_set, base, tmp_path):
+    """Interrupted at step 6 (last checkpoint: step 4), then rerun: the same weights as the
+    uninterrupted run, bit for bit (CPU, tiny twin)."""
+    from transformers import TrainerCallback
+
+    backend, info, _ = trained
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 6:
+                raise KeyboardInterrupt("simulated crash at step 6")
+
+    def fresh():
+        return prepare_for_finetune(load_model(base[0], CFG.model), CFG.model, seed=0)
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
+        train_sft(fresh(), base[2], train_set, CFG.train, seed=0, out_dir=run, progress=False,
+                  callbacks=[Crash()])
+    assert not (run / DONE_FILE).exists() and (run / "checkpoint-4").is_dir()
+    model = fresh()
+    res = train_sft(model, base[2], train_set, CFG.train, seed=0, out_dir=run, progress=False)
+    assert res.resumed_from.endswith("checkpoint-4") and res.steps == info.steps
+    a, b = trainable_state(backend.model), trainable_state(model)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert [c["loss"] for c in res.loss_curve] == list(info.losses)
 
 
 def test_checkpoint_of_another_run_is_not_resumed(trained, train_set, tmp_path):

@@ -7,7 +7,16 @@ profile: the seesaw compares fine-tunes that differ only in their data. It is se
 loss every optimizer step (the returned loss curve), checkpoints every ``save_steps`` into
 ``out_dir`` and, with ``resume=True``, continues from the last checkpoint there (optimizer,
 scheduler, RNG states and data order restored, so an interrupted run ends where an
-uninterrupted one would). Checkpoints are tied to their run by :func:`run_fingerprint`.
+uninterrupted one would: a test compares the weights bit for bit on CPU). Checkpoints are
+tied to their run by :func:`run_fingerprint`.
+
+**A finished training is loaded, never continued.** The Trainer resumed from the last
+checkpoint of a *finished* run trains one more step (max_steps 8 -> step 9, then 10 on the
+next rerun: every rerun a different model). So at the end the trained parameters are written
+to ``FINAL_WEIGHTS`` and then ``DONE_FILE`` (fingerprint + the run's result), each atomically;
+a later call with the same fingerprint loads those weights into the prepared model and
+returns the recorded result without training. A run that crashed has no ``DONE_FILE`` and
+resumes from its last checkpoint.
 
 Single process is the default (and what the tests run); multi-GPU runs go through
 ``accelerate launch`` (:mod:`kdsl_utils.models.launch`), the Trainer picking the
@@ -19,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -28,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainingArguments, set_seed
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import TrainCfg
@@ -36,6 +48,8 @@ from ..data.records import Record
 from .sft import SFTCollator, sft_dataset
 
 FINGERPRINT_FILE = "kdsl_fingerprint.txt"
+DONE_FILE = "kdsl_done.json"  # written last: the run finished (its fingerprint, result)
+FINAL_WEIGHTS = "kdsl_final_trainable.safetensors"  # the trained parameters at the end
 
 
 @dataclass
@@ -73,6 +87,48 @@ def resumable_checkpoint(output_dir: str, fingerprint: str) -> str | None:
             shutil.rmtree(d)
         ckpt = None
     return ckpt
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters that train (LoRA adapters, or every unfrozen weight), CPU copies."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_finished(output_dir: Path, model, fingerprint: str, result: TrainResult) -> None:
+    """Mark ``output_dir`` as a finished run: its trained parameters, then its result."""
+    _write_atomic(output_dir / FINAL_WEIGHTS, lambda t: save_file(trainable_state(model), str(t)))
+    done = {"fingerprint": fingerprint, "result": dataclasses.asdict(result)}
+    _write_atomic(output_dir / DONE_FILE,
+                  lambda t: t.write_text(json.dumps(done, default=str), encoding="utf-8"))
+
+
+def load_finished(output_dir: Path, model, fingerprint: str) -> TrainResult | None:
+    """The result of the finished run in ``output_dir`` with its trained parameters loaded
+    into ``model``, or None when there is none (a finished run of another fingerprint is
+    removed)."""
+    done, weights = output_dir / DONE_FILE, output_dir / FINAL_WEIGHTS
+    if not done.is_file():
+        return None
+    info = json.loads(done.read_text(encoding="utf-8"))
+    if info.get("fingerprint") != fingerprint or not weights.is_file():
+        done.unlink()
+        weights.unlink(missing_ok=True)
+        return None
+    state = load_file(str(weights))
+    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(want) or any(state[n].shape != want[n].shape for n in want):
+        raise ValueError(f"{weights}: the finished run's parameters do not match this model's "
+                         "trainable ones (another fine-tuning mode?)")
+    with torch.no_grad():
+        for n, p in want.items():
+            p.copy_(state[n].to(p.device))
+    return TrainResult(**info["result"])
 
 
 def count_trainable(model) -> tuple[int, int]:
@@ -132,12 +188,24 @@ def train_sft(
     device: str = "cpu",
     bf16: bool = False,
     progress: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Fine-tune ``model`` (already prepared: LoRA / QLoRA / full) on ``records``.
 
-    ``out_dir`` None trains without checkpoints (in a temporary directory).
+    ``out_dir`` None trains without checkpoints (in a temporary directory). ``callbacks``
+    go to the Trainer (the tests interrupt a run with one).
     """
     t0 = time.perf_counter()
+    fp = run_fingerprint(records, tcfg, seed)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if not resume:  # train afresh: a previous finished result is not this run's
+            (Path(out_dir) / DONE_FILE).unlink(missing_ok=True)
+        finished = load_finished(Path(out_dir), model, fp)
+        if finished is not None:
+            finished.wall_s = time.perf_counter() - t0
+            finished.extra = {**finished.extra, "loaded_finished": str(Path(out_dir) / FINAL_WEIGHTS)}
+            return finished
     set_seed(seed)
     dataset, report = sft_dataset(records, encoder)
     if len(dataset) == 0:
@@ -148,7 +216,6 @@ def train_sft(
         output_dir = tmp
     else:
         output_dir = str(Path(out_dir))
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
     try:
         args = training_arguments(
             tcfg,
@@ -164,10 +231,10 @@ def train_sft(
             args=args,
             train_dataset=dataset,
             data_collator=SFTCollator(encoder, padding_side="right"),
+            callbacks=list(callbacks),
         )
         ckpt = None
         if out_dir is not None:
-            fp = run_fingerprint(records, tcfg, seed)
             ckpt = resumable_checkpoint(output_dir, fp) if resume else None
             (Path(output_dir) / FINGERPRINT_FILE).write_text(fp)
         trainer.train(resume_from_checkpoint=ckpt)
@@ -184,7 +251,7 @@ def train_sft(
             if "loss" in h
         ]
         trainable, _ = count_trainable(model)
-        return TrainResult(
+        result = TrainResult(
             loss_curve=curve,
             steps=int(trainer.state.global_step),
             wall_s=time.perf_counter() - t0,
@@ -194,6 +261,9 @@ def train_sft(
             resumed_from=ckpt,
             trainable_params=trainable,
         )
+        if out_dir is not None:
+            save_finished(Path(output_dir), model, fp, result)
+        return result
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -366,6 +366,7 @@ class QwenVLBackend:
             extra={"n_used": result.n_examples, "loss_curve": result.loss_curve,
                    "train_wall_s": result.wall_s, "truncation": result.truncation,
                    "checkpoint_dir": result.checkpoint_dir, "resumed_from": result.resumed_from,
+                   "loaded_finished": result.extra.get("loaded_finished"),
                    "trainable_params": result.trainable_params})
         return self.fit_info
 
