@@ -399,6 +399,57 @@ def test_truncation_never_cuts_image_tokens(tmp_path, base, expect):
     assert ds_report.as_dict()["n_dropped"] == (expect == "over_limit")
 
 
+class _CountingTokenizer:
+    """The encoder's tokenizer, counting the characters it is asked to tokenise."""
+
+    def __init__(self, tok):
+        self._tok, self.chars = tok, 0
+
+    def __call__(self, text, **kw):
+        self.chars += sum(map(len, text)) if isinstance(text, list) else len(text)
+        return self._tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def _turn_by_turn(enc, rec):
+    """Reference for the ``turns`` rule: drop one turn at a time, re-measuring each time."""
+    budget = enc.max_length - enc.answer_reserve(rec.candidates)
+    images, instr = list(rec.images), rec.instruction
+    n = enc._measure(instr, images, enc.max_pixels)[2]
+    head, blocks, tail = sft._split_dialogue(instr)
+    keep = max(i for i, b in enumerate(blocks) if b.startswith("用户"))
+    h, d = head.count("<image>"), 0
+    while keep > 0 and n > budget:
+        k = blocks.pop(0).count("<image>")
+        del images[h:h + k]
+        keep, d = keep - 1, d + 1
+        instr = head + "".join(blocks) + tail
+        n = enc._measure(instr, images, enc.max_pixels)[2]
+    return d, instr, tuple(images)
+
+
+def test_planning_is_linear_and_equals_turn_by_turn(tmp_path, base):
+    """Dropping turns: the same plan as the turn-by-turn reference, for every budget, while
+    the characters tokenised stay a small multiple of the prompt's (the old loop
+    re-tokenised the whole prompt per dropped turn: quadratic)."""
+    _, proc, _ = base
+    rec = _long_dialogue(tmp_path, n_turns=16)[0]
+    for max_length in range(300, 2000, 97):
+        enc = _encoder(proc, max_length)
+        plan = enc.plan(rec)
+        if "turns" in plan.rules and plan.status == "turns":
+            d, instr, imgs = _turn_by_turn(enc, rec)
+            assert (plan.turns_dropped, plan.instruction, plan.images) == (d, instr, imgs)
+    enc = _encoder(proc, 600)
+    counter = _CountingTokenizer(enc.tokenizer)
+    enc.tokenizer = counter
+    plan = enc.plan(rec)
+    assert plan.turns_dropped > 20, plan.turns_dropped
+    assert counter.chars < 4 * len(rec.instruction), (counter.chars, len(rec.instruction))
+
+
 def test_hub_layout_processor_loading(tmp_path, base):
     """A hub-style checkpoint dir (Qwen's preprocessor_config.json keys) loads with the
     profile's pixel bounds overriding the file's."""

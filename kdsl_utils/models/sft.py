@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image
 
@@ -230,13 +231,13 @@ def _split_dialogue(instruction: str) -> tuple[str, list[str], str] | None:
     if instruction.startswith("\n", body_start):
         body_start += 1
     head, body, tail = instruction[:body_start], instruction[body_start:e], instruction[e:]
-    blocks: list[str] = []
+    lines: list[list[str]] = []  # lines per block, joined once (no repeated str +=)
     for line in body.splitlines(keepends=True):
-        if _TURN_LINE.match(line) or not blocks:
-            blocks.append(line)
+        if _TURN_LINE.match(line) or not lines:
+            lines.append([line])
         else:
-            blocks[-1] += line
-    return head, blocks, tail
+            lines[-1].append(line)
+    return head, ["".join(b) for b in lines], tail
 
 
 def _cut_text(body: str, k: int) -> str:
@@ -287,6 +288,7 @@ class RecordEncoder:
         self._newline_ids = self.tokenize("\n")
         self._size_cache: dict[Path, tuple[int, int]] = {}
         self._label_cache: dict[str, list[int]] = {}
+        self._last_text: tuple[str, int] | None = None  # (prompt text, its token count)
 
     # ---- tokens
     def tokenize(self, text: str) -> list[int]:
@@ -315,7 +317,11 @@ class RecordEncoder:
     ) -> tuple[str, tuple[int, ...], int]:
         text = format_prompt(instruction, self.system)
         img_tok = tuple(self.n_image_tokens(p, max_pixels) for p in images)
-        return text, img_tok, len(self.tokenize(text)) + sum(n - 1 for n in img_tok)
+        # the text's token count is reused while only the pixel budget changes (downscaling
+        # re-measures the same text up to log2(max/min pixels) times)
+        if self._last_text is None or self._last_text[0] != text:
+            self._last_text = (text, len(self.tokenize(text)))
+        return text, img_tok, self._last_text[1] + sum(n - 1 for n in img_tok)
 
     # ---- planning
     def plan(self, record: Record) -> PromptPlan:
@@ -341,22 +347,46 @@ class RecordEncoder:
         turns_dropped = images_dropped = chars_cut = 0
         parts = _split_dialogue(instruction) if n > budget else None
 
-        # 1. drop the oldest turns, keeping the last customer turn and what follows it
+        # 1. drop the oldest turns, keeping the last customer turn and what follows it: the
+        # fewest dropped turns d that fit. Found from per-turn token costs (each turn tokenised
+        # once; a turn ends with a newline, where Qwen2's pre-tokeniser splits, so costs add
+        # up) and confirmed by exact measurement, stepping while the exact count disagrees,
+        # which gives the turn-by-turn result in time linear in the dialogue's length.
         if parts is not None and n > budget:
             head, blocks, tail = parts
             user_idx = [i for i, b in enumerate(blocks) if b.startswith(USER)]
             keep_from = user_idx[-1] if user_idx else len(blocks) - 1
             head_imgs = head.count(IMAGE_TOKEN)
-            while keep_from > 0 and n > budget:
-                dropped = blocks.pop(0)
-                keep_from -= 1
-                k = dropped.count(IMAGE_TOKEN)
-                del images[head_imgs : head_imgs + k]
-                turns_dropped += 1
-                images_dropped += k
-                instruction = head + "".join(blocks) + tail
-                text, img_tok, n = self._measure(instruction, images, max_px)
-            if turns_dropped:
+            img_counts = [b.count(IMAGE_TOKEN) for b in blocks]
+            img_start = np.concatenate([[0], np.cumsum(img_counts)]).astype(int)
+            cost = [len(ids) for ids in self.tokenizer(
+                [user_content(b) for b in blocks[:keep_from]], add_special_tokens=False
+            )["input_ids"]] if keep_from else []
+            for i in range(keep_from):
+                cost[i] += sum(self.n_image_tokens(p, max_px) - 1
+                               for p in images[head_imgs + img_start[i]:head_imgs + img_start[i + 1]])
+            saved = np.concatenate([[0], np.cumsum(cost)]).astype(int)  # tokens freed by d
+            n0 = n
+
+            def measured(d: int) -> tuple[str, list[Path], tuple[str, tuple[int, ...], int]]:
+                ins = head + "".join(blocks[d:]) + tail
+                imgs = images[:head_imgs] + images[head_imgs + img_start[d]:]
+                return ins, imgs, self._measure(ins, imgs, max_px)
+
+            d = int(min(np.searchsorted(-(n0 - saved), -budget), keep_from))  # first estimate <= budget
+            cur = measured(d)
+            while d < keep_from and cur[2][2] > budget:
+                d += 1
+                cur = measured(d)
+            while d > 0:
+                prev = measured(d - 1)
+                if prev[2][2] > budget:
+                    break
+                d, cur = d - 1, prev
+            if d:
+                instruction, images, (text, img_tok, n) = cur
+                turns_dropped, images_dropped = d, int(img_start[d])
+                blocks = blocks[d:]
                 rules.append("turns")
             parts = head, blocks, tail
 
