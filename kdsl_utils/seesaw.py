@@ -13,6 +13,7 @@ which every metric is computed, and the weight updates of each run for
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from .config import Profile
@@ -49,10 +51,23 @@ class SeesawRun:
     deltas: dict[tuple[int, str], Mapping[str, np.ndarray]] = field(default_factory=dict)
 
 
+def release(backend) -> None:
+    """Drop a fitted backend's model and free its memory (garbage collection for peft's
+    reference cycles, then the CUDA cache), so that the next fit never finds a second large
+    model alive: at 7B two would not fit on one GPU."""
+    backend.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequence[Record]], *,
                seeds: Sequence[int], mixes: Sequence[str] = MIXES, work_dir: Path | None = None,
                backend_kwargs: Mapping | None = None) -> SeesawRun:
-    """Fit every mix for every seed on ``train`` and predict the matching test records."""
+    """Fit every mix for every seed on ``train`` and predict the matching test records.
+
+    One model at a time: each fitted backend is released (:func:`release`) once its
+    predictions and weight update are taken."""
     preds, fits, deltas = [], [], {}
     jobs = [(s, m) for s in seeds for m in mixes]
     for seed, mix in tqdm(jobs, desc="seesaw fits", unit="fit"):
@@ -72,6 +87,8 @@ def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequen
                      "fit_seconds": round(t_fit, 2), "predict_seconds": round(time.time() - t0, 2),
                      "final_loss": log.final_loss, "steps": log.steps})
         deltas[(seed, mix)] = backend.update_delta()
+        release(backend)
+        del backend
     pred = pd.concat(preds, ignore_index=True)
     pair = pred[((pred.variant == "image") & (pred.task == "image"))
                 | ((pred.variant == "intent") & (pred.task == "intent"))].assign(variant="single_pair")

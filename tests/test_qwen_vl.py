@@ -913,3 +913,25 @@ def test_plans_are_a_cached_datasets_table(base, train_set, tmp_path, monkeypatc
     train, _ = sft.sft_dataset(train_set, enc)
     ex = train[0]
     assert ex["input_ids"].ndim == 1 and (ex["labels"] != sft.IGNORE_INDEX).sum() > 0
+
+
+def test_seesaw_runner_holds_one_model_at_a_time(train_set, held, cache, monkeypatch):
+    """Every fit of run_seesaw starts with the previous backend (and its model) gone."""
+    import gc
+    import weakref
+
+    from kdsl_utils import seesaw
+
+    refs, made = [], []
+
+    def tracked(cfg, **kw):
+        gc.collect()
+        made.append(sum(r() is not None for r in refs))  # backends still alive at this fit
+        b = QwenVLBackend(cfg, cache_dir=cache)
+        refs.append(weakref.ref(b))
+        return b
+
+    monkeypatch.setattr(seesaw, "make_backend", tracked)
+    run = seesaw.run_seesaw(CFG, train_set, {"test1": _pick(held, 1, 1)}, seeds=[0])
+    assert made == [0, 0, 0], made
+    assert set(run.fits.variant) == {"image", "intent", "joint"} and len(run.deltas) == 3
