@@ -31,6 +31,7 @@ from kdsl_utils.models.qwen_vl import (
     lora_deltas,
     lora_target_regex,
     prepare_for_finetune,
+    quantization_config,
 )
 from kdsl_utils.models.scoring import (
     CandidateTrie,
@@ -516,6 +517,11 @@ def test_finetune_modes(base):
     qlora = replace(m, finetune="qlora")
     with pytest.raises((ImportError, RuntimeError), match="bitsandbytes|CUDA"):
         load_model(d, qlora)
+    # the 4-bit configuration itself is built (and is what a GPU run loads with)
+    q = quantization_config(replace(qlora, dtype="bfloat16"))
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert set(q.llm_int8_skip_modules) == {"visual", "lm_head"}
 
 
 # --------------------------------------------------------------------------- training
@@ -935,3 +941,57 @@ def test_seesaw_runner_holds_one_model_at_a_time(train_set, held, cache, monkeyp
     run = seesaw.run_seesaw(CFG, train_set, {"test1": _pick(held, 1, 1)}, seeds=[0])
     assert made == [0, 0, 0], made
     assert set(run.fits.variant) == {"image", "intent", "joint"} and len(run.deltas) == 3
+
+
+# --------------------------------------------------------------------------- the paths tiny skips
+def test_sdpa_scores_equal_eager(trained, held, tmp_path):
+    """The paper profile's attention (sdpa) gives the eager twin's label scores, prefix reuse
+    included."""
+    from dataclasses import replace
+
+    backend, _, _ = trained
+    backend.save(tmp_path / "m")
+    sdpa_cfg = replace(CFG, model=replace(CFG.model, attn_implementation="sdpa"))
+    sdpa = QwenVLBackend.load(tmp_path / "m", sdpa_cfg)
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    recs = _pick(held, 2, 2)
+    np.testing.assert_allclose(sdpa.predict_proba(recs).proba, backend.predict_proba(recs).proba,
+                               atol=1e-5)
+    enc = sdpa.encoder
+    for rec in recs[:2] + recs[-1:]:
+        pre = _prefix_inputs(enc.encode(enc.plan(rec)), enc, "cpu")
+        cands = [enc.label_ids(c) for c in rec.candidates]
+        for f, s in zip(score_candidates(sdpa.model, pre, cands, pad_id=enc.pad_id),
+                        score_candidates_naive(sdpa.model, pre, cands)):
+            torch.testing.assert_close(f, s, rtol=0, atol=2e-5)
+
+
+def test_gradient_checkpointing_under_sdpa_trains_the_same(trained, train_set, cache):
+    """Gradient checkpointing (the paper profile's default) with sdpa: the loss falls, along
+    the plain run's curve (recomputation restores the dropout RNG)."""
+    from dataclasses import replace
+
+    _, info, _ = trained
+    cfg = replace(CFG, model=replace(CFG.model, attn_implementation="sdpa"),
+                  train=replace(CFG.train, gradient_checkpointing=True))
+    b = QwenVLBackend(cfg, cache_dir=cache)
+    log = b.fit(train_set, mix="joint", seed=0)
+    assert b.model.base_model.model.is_activation_checkpointing
+    assert np.mean(log.losses[-3:]) < np.mean(log.losses[:3]) - 0.3, log.losses
+    np.testing.assert_allclose(log.losses, info.losses, rtol=1e-3)
+
+
+def test_batched_generation_equals_single(trained, held):
+    """Left-padded batches (prompts of different lengths, with and without images) generate
+    what each record generates alone: the same text and the same sequence log-probability
+    (which checks the padded forward numerically even where the text is short)."""
+    backend, _, _ = trained
+    recs = _pick(held, 2, 2)
+    assert len({backend.encoder.plan(r).n_tokens for r in recs}) > 1  # padding is exercised
+    kw = {"max_new_tokens": 6, "return_scores": True}
+    batched = generate_labels(backend.model, backend.encoder, recs, batch_size=4, **kw)
+    single = [generate_labels(backend.model, backend.encoder, [r], batch_size=1, **kw)
+              for r in recs]
+    assert batched.texts == [g.texts[0] for g in single]
+    np.testing.assert_allclose(batched.seq_scores, [g.seq_scores[0] for g in single], atol=1e-4)
+    assert backend.generate(recs, batch_size=4).texts == backend.generate(recs, batch_size=1).texts

@@ -147,6 +147,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def quantization_config(mcfg: ModelCfg) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit base: NF4 with double quantisation, compute in the profile dtype; the
+    vision tower and ``lm_head`` stay unquantised."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[mcfg.dtype],
+        llm_int8_skip_modules=["visual", "lm_head"],
+    )
+
+
 def load_model(src: str | Path, mcfg: ModelCfg, *, device: str = "cpu"):
     """Qwen2VLForConditionalGeneration from ``src`` in the profile dtype (4-bit for qlora)."""
     dev = resolve_device(device)
@@ -156,13 +168,7 @@ def load_model(src: str | Path, mcfg: ModelCfg, *, device: str = "cpu"):
     }
     if mcfg.finetune == "qlora":
         _require_bitsandbytes()
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=DTYPES[mcfg.dtype],
-            llm_int8_skip_modules=["visual", "lm_head"],
-        )
+        kwargs["quantization_config"] = quantization_config(mcfg)
         kwargs["device_map"] = {"": dev.index or 0}
     model = Qwen2VLForConditionalGeneration.from_pretrained(str(src), **kwargs)
     if mcfg.finetune != "qlora":
