@@ -44,9 +44,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
-
 from tqdm.auto import tqdm
 
 from ..data.labels import ALL_LABELS, LABEL_INDEX
