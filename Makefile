@@ -4,8 +4,9 @@
 #   make reproduce DATA_DIR=../shared/mire PROFILE=mini
 #   make test
 #
-# Targets are files: each notebook's run.json depends on the notebook, the package sources
-# and the data, so a second `make reproduce` re-runs only what changed.
+# Targets are files: each notebook's run.json depends on the notebook, the package modules it
+# imports (transitively, computed by `python -m kdsl_utils.deps`), the results of the notebooks
+# it reads and the data, so a second `make reproduce` re-runs only what changed.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -19,6 +20,8 @@ DATA_DIR ?=
 SEED ?= 0
 TEST_FILES ?=
 SMOKE ?= false
+# Config overrides for every notebook, a JSON object: OVERRIDES='{"train__epochs": 5}'.
+OVERRIDES ?=
 RESULTS_ROOT ?= results
 PRODUCTS_ROOT ?= products
 # Profile: PROFILE=... wins; else paper where CUDA is visible, mini elsewhere (decided once per make run).
@@ -26,15 +29,22 @@ PROFILE ?= $(shell if [ -x $(PY) ]; then $(PY) -c "import torch; print('paper' i
   elif nvidia-smi -L >/dev/null 2>&1; then echo paper; else echo mini; fi)
 DATA_TAG := $(if $(DATA_DIR),$(notdir $(abspath $(DATA_DIR))),synthetic)
 DATA_TAG := $(DATA_TAG)$(if $(filter true,$(SMOKE)),$(if $(DATA_DIR),,-smoke),)
-RESULTS := $(RESULTS_ROOT)/$(PROFILE)/$(DATA_TAG)
-PRODUCTS := $(PRODUCTS_ROOT)/$(PROFILE)/$(DATA_TAG)
-PKG_SRC := $(shell find kdsl_utils -name '*.py' -o -name '*.json' 2>/dev/null) pyproject.toml
+# Results of a run with overrides go to <profile>-ov<hash of the overrides>/ (validated here,
+# so a misspelt name stops make before any notebook runs).
+PROFILE_DIR := $(if $(OVERRIDES),$(shell PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.config $(PROFILE) '$(OVERRIDES)' || echo INVALID-OVERRIDES),$(PROFILE))
+ifneq ($(filter INVALID-OVERRIDES,$(PROFILE_DIR)),)
+$(error OVERRIDES='$(OVERRIDES)' rejected (see the message above))
+endif
+RESULTS := $(RESULTS_ROOT)/$(PROFILE_DIR)/$(DATA_TAG)
+PRODUCTS := $(PRODUCTS_ROOT)/$(PROFILE_DIR)/$(DATA_TAG)
+PKG_SRC := $(shell find kdsl_utils -name '*.py' 2>/dev/null)
 DATA_FILES := $(if $(DATA_DIR),$(wildcard $(DATA_DIR)/*.json),)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-8]*.ipynb))))
 NB_PARAMS = -p PROFILE $(PROFILE) -p DATA_DIR "$(if $(DATA_DIR),$(abspath $(DATA_DIR)),)" -p SEED $(SEED) \
-            -p SMOKE $(SMOKE) -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) $(if $(TEST_FILES),-p TEST_FILES '$(TEST_FILES)',)
+            -p SMOKE $(SMOKE) -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) $(if $(TEST_FILES),-p TEST_FILES '$(TEST_FILES)',) \
+            $(if $(OVERRIDES),-p OVERRIDES '$(OVERRIDES)',)
 RUN_ARGS = PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(TEST_FILES)' SMOKE=$(SMOKE) \
-           RESULTS_ROOT=$(RESULTS_ROOT) PRODUCTS_ROOT=$(PRODUCTS_ROOT)
+           RESULTS_ROOT=$(RESULTS_ROOT) PRODUCTS_ROOT=$(PRODUCTS_ROOT) OVERRIDES='$(OVERRIDES)'
 
 .PHONY: help setup reproduce notebooks test figures lint clean banner
 
@@ -59,16 +69,29 @@ reproduce: banner $(STAMP) ## run the numbered notebooks in order (results/, pro
 	@$(MAKE) --no-print-directory figures
 	@echo "[kdsl] done: results in $(RESULTS), rendered notebooks in $(PRODUCTS), figures in figures/"
 
-notebooks: $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json) ## only the run notebooks whose inputs changed
+notebooks: $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json $(RESULTS)/$(nb)/results.sha256) ## only the run notebooks whose inputs changed
 
-# Notebook NN depends on the one before it (and so on all earlier ones: their results are its inputs).
+# A notebook's real inputs: the notebook, the package modules it imports (transitively), the
+# results stamp of each notebook whose results it reads (S.upstream(...)), the data and the pins.
+# The module lists come from kdsl_utils.deps into $(DEPS_MK), remade when a notebook or a
+# package file changes (make re-reads it before planning anything, also under make -n).
+DEPS_MK := .make/deps.mk
+$(DEPS_MK): $(wildcard notebooks/[0-8]*.ipynb) $(PKG_SRC)
+	@mkdir -p $(@D)
+	@PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.deps --make $(wildcard notebooks/[0-8]*.ipynb) > $@.tmp && mv $@.tmp $@
+-include $(DEPS_MK)
+
+# A reader depends on results.sha256 of what it reads, rewritten only when those results
+# change (make re-checks its time after the recipe): a redraw alone does not re-run readers.
+NB_RUN ?= $(PY) -m kdsl_utils.notebooks
 define NOTEBOOK_RULE
-$(RESULTS)/$(1)/run.json: notebooks/$(1).ipynb $(PKG_SRC) $(DATA_FILES) $(2) | $(STAMP)
-	$(PY) -m kdsl_utils.notebooks $(1) --out $(PRODUCTS) $(NB_PARAMS)
+$(RESULTS)/$(1)/run.json: notebooks/$(1).ipynb $(DATA_FILES) pyproject.toml | $(STAMP)
+	$(NB_RUN) $(1) --out $(PRODUCTS) $(NB_PARAMS)
 	@test -f $$@ || { echo "[kdsl] notebook $(1) did not write $$@"; exit 1; }
+$(RESULTS)/$(1)/results.sha256: $(RESULTS)/$(1)/run.json
+	@PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.deps --stamp $$(@D)
 endef
-PREV_RUN :=
-$(foreach nb,$(NOTEBOOKS),$(eval $(call NOTEBOOK_RULE,$(nb),$(PREV_RUN)))$(eval PREV_RUN := $(RESULTS)/$(nb)/run.json))
+$(foreach nb,$(NOTEBOOKS),$(eval $(call NOTEBOOK_RULE,$(nb))))
 
 test: $(STAMP) ## run the test suite (unit tests + notebook smoke runs)
 	$(PY) -m pytest -q -n 2 --durations=15

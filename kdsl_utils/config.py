@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from .hashing import json_digest
 
 PROFILES = ("paper", "mini", "tiny")
 
@@ -197,11 +202,43 @@ def resolve(profile: str, **overrides: Any) -> Profile:
     return replace(cfg, **top)
 
 
-def default_profile() -> str:
-    """``paper`` where CUDA is visible, else ``mini`` (what ``make reproduce`` picks)."""
-    try:
-        import torch
+def overrides_tag(overrides: Mapping[str, Any] | None) -> str:
+    """``""`` without overrides, else ``"-ov"`` + 8 hex digits of the canonical JSON of the
+    overrides: the suffix of the profile segment of a results path, so that a run with
+    overrides never lands in (or is read as) the folder of the plain profile."""
+    return f"-ov{json_digest(dict(overrides), 8)}" if overrides else ""
 
-        return "paper" if torch.cuda.is_available() else "mini"
-    except ImportError:
-        return "mini"
+
+def results_profile(profile: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """The profile segment of ``results/<profile>/<data>/<notebook>/``: the profile's name,
+    suffixed by :func:`overrides_tag` (``mini-ov1a2b3c4d``) when overrides are given. The
+    overrides are validated first (unknown names raise :class:`ConfigError`)."""
+    resolve(profile, **dict(overrides or {}))
+    return profile + overrides_tag(overrides)
+
+
+def parse_overrides(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``OVERRIDES`` as papermill or make pass it: a dict, a JSON object string, or empty."""
+    if not text:
+        return {}
+    value = json.loads(text) if isinstance(text, str) else dict(text)
+    if not isinstance(value, dict):
+        raise ConfigError(f"OVERRIDES must be a JSON object, e.g. '{{\"train__epochs\": 5}}'; "
+                          f"got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kdsl_utils.config PROFILE [OVERRIDES_JSON]``: print the results-path
+    profile segment (used by the Makefile); exit 2 with the reason on unknown overrides."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        print(results_profile(args[0], parse_overrides(args[1] if len(args) > 1 else "")))
+    except (ConfigError, json.JSONDecodeError, IndexError) as e:
+        print(f"[kdsl] config: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
