@@ -46,7 +46,7 @@ NB_PARAMS = -p PROFILE $(PROFILE) -p DATA_DIR "$(if $(DATA_DIR),$(abspath $(DATA
 RUN_ARGS = PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(TEST_FILES)' SMOKE=$(SMOKE) \
            RESULTS_ROOT=$(RESULTS_ROOT) PRODUCTS_ROOT=$(PRODUCTS_ROOT) OVERRIDES='$(OVERRIDES)'
 
-.PHONY: help setup reproduce notebooks test figures lint clean banner
+.PHONY: help setup reproduce notebooks test test-unit test-smoke test-realdata figures lab lint clean banner
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -93,8 +93,25 @@ $(RESULTS)/$(1)/results.sha256: $(RESULTS)/$(1)/run.json
 endef
 $(foreach nb,$(NOTEBOOKS),$(eval $(call NOTEBOOK_RULE,$(nb))))
 
-test: $(STAMP) ## run the test suite (unit tests + notebook smoke runs)
-	$(PY) -m pytest -q -n 2 --durations=15
+# Test tiers are pytest markers (pyproject.toml): unit (fast), smoke (papermill, tiny data),
+# realdata (skips itself, saying why, where the MIRE data is absent).
+PYTEST := $(PY) -m pytest -q -n 2 --durations=15
+test: $(STAMP) ## every tier: unit + smoke (+ realdata where the data exists)
+	$(PYTEST)
+test-unit: $(STAMP) ## fast unit tests only (about a minute)
+	$(PYTEST) -m unit
+test-smoke: $(STAMP) ## papermill smoke runs of every notebook on tiny synthetic data
+	$(PYTEST) -m smoke
+test-realdata: $(STAMP) ## real-MIRE tests, README numbers within tolerance (KDSL_MIRE_DIR)
+	$(PYTEST) -m realdata
+
+LAB_PORT ?= 8888
+LAB_ARGS ?=
+KERNEL := kdsl-replication
+lab: $(STAMP) ## JupyterLab on notebooks/ with the project's kernel (LAB_ARGS=--no-browser)
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))" >/dev/null
+	@echo "[kdsl] kernel 'Python ($(KERNEL))' = $(abspath $(PY)); open a notebook, run the cells top to bottom"
+	cd notebooks && $(abspath $(VENV))/bin/jupyter lab --port $(LAB_PORT) --ServerApp.root_dir=. $(LAB_ARGS)
 
 figures: $(STAMP) ## regenerate figures and the README results section from results files
 	$(PY) -m kdsl_utils.notebooks 90_report --out $(PRODUCTS_ROOT)/report -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) \

@@ -20,8 +20,7 @@ import pytest
 
 from kdsl_utils.deps import notebook_deps
 
-pytestmark = [pytest.mark.unit,
-              pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (REPO / "notebooks").glob("[0-8][0-9]_*.ipynb"))
