@@ -73,14 +73,9 @@ class AugmentCfg:
     Used by notebook 02 only; notebook 01's task mixes are the plain recipe. Copies are
     added per original record; 0 turns a kind off.
 
-    ``mini`` makes no resize copies. Measured with ``benchmarks/augment_realdata.py`` (real
-    MIRE, mini joint model on the fit part, seeds 0-2, pooled weighted F1 mean +- sd):
-    dev fold - none 0.661 +- 0.062, dialogue 0.655 +- 0.043, image 0.668 +- 0.033, both
-    0.679 +- 0.050; test1 - 0.717, 0.711, 0.699, 0.705. Every difference is below the
-    seed spread, and a resize copy is a new OCR (~1 s per screenshot: +6.4 min per seed on
-    2 cores, uncached because the scale is drawn per seed). OCR of a copy at 0.5x shares a
-    median 85% of its characters with the original, at 1.5x 98%, so the copies do vary
-    the OCR features; they just do not measurably help this small model."""
+    ``mini`` makes no resize copies: measured not to help the mini model (every difference
+    below the seed spread) while costing a new OCR per copy; the table is in
+    ``benchmarks/README.md`` ("Augmentation of the mini large model")."""
 
     image_copies: int = 1  # random-resize copies per image-task record
     scale: tuple[float, float] = (0.5, 1.5)  # resize factor range (aspect kept)
@@ -140,7 +135,7 @@ def _base(name: str) -> Profile:
     if name == "paper":
         return Profile(name="paper", backend="qwen_vl", device="cuda")
     if name == "mini":
-        # No resize copies in mini: measured, see the AugmentCfg docstring.
+        # No resize copies in mini: measured, see benchmarks/README.md (augmentation).
         return Profile(name="mini", backend="mini", device="cpu", seeds=(0, 1, 2),
                        augment=AugmentCfg(image_copies=0), rules=RulesCfg(proposer="data"))
     if name == "tiny":
