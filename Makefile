@@ -25,13 +25,18 @@ OVERRIDES ?=
 RESULTS_ROOT ?= results
 PRODUCTS_ROOT ?= products
 # Profile: PROFILE=... wins; else paper where CUDA is visible, mini elsewhere (decided once per make run).
-PROFILE ?= $(shell if [ -x $(PY) ]; then $(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'mini')" 2>/dev/null || echo mini; \
+# (`:=`, not `?=`: a recursive variable would import torch again at every use.)
+ifeq ($(origin PROFILE),undefined)
+PROFILE := $(shell if [ -x $(PY) ]; then $(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'mini')" 2>/dev/null || echo mini; \
   elif nvidia-smi -L >/dev/null 2>&1; then echo paper; else echo mini; fi)
+endif
 DATA_TAG := $(if $(DATA_DIR),$(notdir $(abspath $(DATA_DIR))),synthetic)
 DATA_TAG := $(DATA_TAG)$(if $(filter true,$(SMOKE)),$(if $(DATA_DIR),,-smoke),)
 # Results of a run with overrides go to <profile>-ov<hash of the overrides>/ (validated here,
-# so a misspelt name stops make before any notebook runs).
-PROFILE_DIR := $(if $(OVERRIDES),$(shell PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.config $(PROFILE) '$(OVERRIDES)' || echo INVALID-OVERRIDES),$(PROFILE))
+# so a misspelt name stops make before any notebook runs). kdsl_utils.config needs only the
+# standard library, so the system python does before .venv exists.
+CONFIG_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+PROFILE_DIR := $(if $(OVERRIDES),$(shell PYTHONPATH=$(CURDIR) $(CONFIG_PY) -m kdsl_utils.config $(PROFILE) '$(OVERRIDES)' || echo INVALID-OVERRIDES),$(PROFILE))
 ifneq ($(filter INVALID-OVERRIDES,$(PROFILE_DIR)),)
 $(error OVERRIDES='$(OVERRIDES)' rejected (see the message above))
 endif
@@ -49,8 +54,9 @@ RUN_ARGS = PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(
 .PHONY: help setup reproduce notebooks test test-unit test-smoke test-realdata figures lab lint clean banner
 
 help: ## list targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' Makefile | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true"
+	@echo "             OVERRIDES='{\"train__epochs\": 5}'  (results under <profile>-ov<hash>/)"
 
 setup: $(STAMP) ## create .venv with the pinned packages
 
@@ -98,7 +104,7 @@ $(foreach nb,$(NOTEBOOKS),$(eval $(call NOTEBOOK_RULE,$(nb))))
 PYTEST := $(PY) -m pytest -q -n 2 --durations=15
 test: $(STAMP) ## every tier: unit + smoke (+ realdata where the data exists)
 	$(PYTEST)
-test-unit: $(STAMP) ## fast unit tests only (about a minute)
+test-unit: $(STAMP) ## fast unit tests of the package only
 	$(PYTEST) -m unit
 test-smoke: $(STAMP) ## papermill smoke runs of every notebook on tiny synthetic data
 	$(PYTEST) -m smoke
@@ -121,5 +127,5 @@ lint: $(STAMP) ## ruff over the package and tests
 	$(PY) -m pip install -q ruff==0.17.5 && $(PY) -m ruff check kdsl_utils tests benchmarks
 
 clean: ## remove caches and build leftovers (never results/ or products/)
-	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	rm -rf .pytest_cache .ruff_cache build *.egg-info .make
 	find . -name __pycache__ -prune -exec rm -rf {} +
