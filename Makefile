@@ -33,8 +33,8 @@ endif
 DATA_TAG := $(if $(DATA_DIR),$(notdir $(abspath $(DATA_DIR))),synthetic)
 DATA_TAG := $(DATA_TAG)$(if $(filter true,$(SMOKE)),$(if $(DATA_DIR),,-smoke),)
 # Results of a run with overrides go to <profile>-ov<hash of the overrides>/ (validated here,
-# so a misspelt name stops make before any notebook runs). kdsl_utils.config needs only the
-# standard library, so the system python does before .venv exists.
+# so a misspelt name stops make before any notebook runs). kdsl_utils.config and .deps need
+# only the standard library, so the system python serves before .venv exists.
 CONFIG_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 PROFILE_DIR := $(if $(OVERRIDES),$(shell PYTHONPATH=$(CURDIR) $(CONFIG_PY) -m kdsl_utils.config $(PROFILE) '$(OVERRIDES)' || echo INVALID-OVERRIDES),$(PROFILE))
 ifneq ($(filter INVALID-OVERRIDES,$(PROFILE_DIR)),)
@@ -84,7 +84,7 @@ notebooks: $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json $(RESULTS)/$(nb)/
 DEPS_MK := .make/deps.mk
 $(DEPS_MK): $(wildcard notebooks/[0-8]*.ipynb) $(PKG_SRC)
 	@mkdir -p $(@D)
-	@PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.deps --make $(wildcard notebooks/[0-8]*.ipynb) > $@.tmp && mv $@.tmp $@
+	@PYTHONPATH=$(CURDIR) $(CONFIG_PY) -m kdsl_utils.deps --make $(wildcard notebooks/[0-8]*.ipynb) > $@.tmp && mv $@.tmp $@
 -include $(DEPS_MK)
 
 # A reader depends on results.sha256 of what it reads, rewritten only when those results
