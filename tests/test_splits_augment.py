@@ -51,6 +51,13 @@ def test_stratified_indices_is_order_free_and_keeps_rare_labels():
         stratified_indices(labels, 1.0, seed=0)
 
 
+def test_stratified_indices_carry_holds_out_from_one_record_labels():
+    labels = list(range(8))  # eight labels, one record each
+    assert len(stratified_indices(labels, 0.25, seed=0)[1]) == 0  # min_keep=1 keeps them all
+    rest, held = stratified_indices(labels, 0.25, seed=0, min_keep=0, carry=True)
+    assert len(held) == 2 and len(rest) == 6  # floor(0.25 + carry) over the labels
+
+
 def test_resize_copies(tmp_path):
     recs = _records(tmp_path)[:3]
     aug = resize_copies(recs, tmp_path / "aug", copies=2, scale=(0.5, 0.5), seed=0)

@@ -7,6 +7,7 @@ kept whole on the training side, so a held-out part never steals the only exampl
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
@@ -17,15 +18,18 @@ from .records import Record
 
 
 def stratified_indices(labels: Sequence[Hashable], fraction: float, seed: int, *,
-                       keys: Sequence[str] | None = None,
-                       min_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                       keys: Sequence[str] | None = None, min_keep: int = 1,
+                       carry: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Split positions ``0..n-1`` into (rest, held) with about ``fraction`` of every label held.
 
     Per label (labels in sorted order), the group's ``keys`` (default: the positions) are
     sorted, shuffled by one ``random.Random(seed)`` shared across the groups, and the first
     ``round(n * fraction)`` are held out, but at least ``min_keep`` stay in rest (a label with
-    ``n <= min_keep`` records is not held out at all). The result depends only on ``seed``,
-    the labels and the keys, not on the input order. Returns two sorted int64 index arrays.
+    ``n <= min_keep`` records is not held out at all). With ``carry`` the count is
+    ``floor(n * fraction + c)`` where ``c`` carries the rounding remainder from label to label,
+    so a set of many one-record labels still holds out about ``fraction`` of them (the MCTS
+    search / held-out split of a small dev fold). The result depends only on ``seed``, the
+    labels and the keys, not on the input order. Returns two sorted int64 index arrays.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
@@ -37,10 +41,17 @@ def stratified_indices(labels: Sequence[Hashable], fraction: float, seed: int, *
         groups[lab].append((key, i))
     rng = random.Random(seed)
     held: list[int] = []
+    remainder = 0.0
     for lab in sorted(groups):
         members = sorted(groups[lab])
         rng.shuffle(members)
-        n_held = min(round(len(members) * fraction), len(members) - min_keep)
+        if carry:
+            exact = len(members) * fraction + remainder
+            n_held = math.floor(exact)
+            remainder = exact - n_held
+        else:
+            n_held = round(len(members) * fraction)
+        n_held = min(n_held, len(members) - min_keep)
         held += [i for _, i in members[:max(n_held, 0)]]
     held_arr = np.sort(np.asarray(held, dtype=np.int64))
     return np.setdiff1d(np.arange(len(labels), dtype=np.int64), held_arr), held_arr

@@ -214,8 +214,10 @@ class EvalSet:
 def split_dev(y: np.ndarray, holdout_fraction: float, seed: int = 0) -> tuple[np.ndarray,
                                                                            np.ndarray]:
     """Stratified (per label) split of a dev fold into search and held-out indices
-    (:func:`kdsl_utils.data.splits.stratified_indices`, the package's one splitter)."""
-    return stratified_indices(np.asarray(y).tolist(), holdout_fraction, seed)
+    (:func:`kdsl_utils.data.splits.stratified_indices`, the package's one splitter; the
+    rounding carried over labels, so a dev fold of one-record labels still has a held-out part)."""
+    return stratified_indices(np.asarray(y).tolist(), holdout_fraction, seed, min_keep=0,
+                              carry=True)
 
 
 # --------------------------------------------------------------------------------------------
