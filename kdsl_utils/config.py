@@ -106,12 +106,18 @@ class RulesCfg:
     """Rule proposal and Monte Carlo Tree Search (DESIGN.md method points 3-4)."""
 
     proposer: str = "llm"  # "llm" (small MLLM) | "data" (discriminative miner)
-    uct_c: float = 1.0
-    width: int = 3
-    depth: int = 5
+    uct_c: float = 0.5  # UCT exploration, on rewards min-max normalised over the tree (see mcts)
+    normalise_rewards: bool = True  # UCT on rewards rescaled to [0, 1] by the tree's min / max
+    width: int = 3  # children per expansion
+    depth: int = 8  # tree levels (rule-set size is bounded by max_rules, not by depth)
     iterations: int = 30
-    precision_threshold: float = 0.8
+    precision_threshold: float = 0.8  # override threshold of the search reward
     holdout_fraction: float = 0.3  # share of the dev fold kept out of the search (overfit check)
+    k: int = 5  # rules requested per proposer call
+    add_batch: int = 2  # proposed rules an "add" action inserts at once (size not tied to depth)
+    max_rules: int = 50
+    target: str = "roundrobin"  # add-action label: "roundrobin" over labels with errors |
+    #   "sample" (by error mass) | "most" (most errors; the old behaviour, repeats itself)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,18 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def rules_ocr(self) -> bool:
+        """Whether rules may test the OCR text of the images: where the profile's model reads
+        it too (mini with OCR on) and under ``paper`` (RapidOCR beside the MLLM); not ``tiny``
+        (its smoke runs stay OCR-free)."""
+        return (self.backend == "mini" and self.mini.ocr) or self.name == "paper"
+
+    @property
+    def ocr_workers(self) -> int:
+        """Processes for RapidOCR, whichever profile runs it (one setting: ``mini.workers``)."""
+        return self.mini.workers
 
 
 def _base(name: str) -> Profile:

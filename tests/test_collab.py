@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from kdsl_utils.collab import choose_on_dev, decisions, fusion, inject_rules, make_fusion
+from kdsl_utils.collab import (choose_on_dev, decisions, fusion, inject_rules, make_fusion,
+                               make_override)
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
 from kdsl_utils.data.prompts import intent_instruction
 from kdsl_utils.data.records import Record, Turn
-from kdsl_utils.rules.engine import RuleEngine, build_observables, make_override
+from kdsl_utils.rules.engine import RuleEngine, build_observables
 from kdsl_utils.rules.schema import Condition, make_rule
 
 A, B = INTENT_LABELS[0], INTENT_LABELS[7]  # 反馈密封性不好, 商品材质

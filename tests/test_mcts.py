@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdsl_utils.config import resolve
+import dataclasses
+
+from kdsl_utils.collab import make_override
+from kdsl_utils.config import RulesCfg, resolve
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
 from kdsl_utils.data.records import USER, Record, Turn
 from kdsl_utils.rules import (Condition, EvalSet, Proposer, TreeSearch, build_observables,
-                              concat_observables, label_indices, make_rule, mcts_search, prune_rules, search_params,
-                              split_dev, top_n_rules)
+                              concat_observables, label_indices, make_rule, mcts_search, prune_rules,
+                              split_dev, top_n_rules, trust)
 
 # ------------------------------------------------------------------------------ generic UCT
 
@@ -95,6 +98,13 @@ def _c(word, negate=False):
     return Condition("user_text", "keyword_any", (word,), negate)
 
 
+COMBINE = make_override(0.8)
+
+
+def _cfg(**kw) -> RulesCfg:
+    return dataclasses.replace(RulesCfg(proposer="data"), **kw)
+
+
 class FakeProposer(Proposer):
     """Deterministic canned rules per label; counts calls like a real proposer."""
 
@@ -111,20 +121,24 @@ class FakeProposer(Proposer):
                                  stats={"support": 5, "precision": 1.0})],
         }
 
-    def _propose(self, target_label, errors, k, call):
+    def _propose(self, target_label, errors, k, call, context=()):
         assert all(e.gold != e.predicted for e in errors)
-        return self.bank.get(target_label, [])[:k]
+        have = {r.key for r in context}
+        return [r for r in self.bank.get(target_label, []) if r.key not in have][:k]
 
 
 def test_rule_search_finds_the_fix_and_reports():
     dev = _dev()
     prop = FakeProposer()
-    res = mcts_search(prop, dev, iterations=12, width=3, depth=3, holdout_fraction=0.25, seed=3)
+    res = mcts_search(prop, dev, _cfg(iterations=12, width=3, depth=3, holdout_fraction=0.25),
+                      combine=COMBINE, seed=3)
     assert res.search_base < 1.0 and res.search_reward == pytest.approx(1.0)
     assert res.holdout_base < 1.0 and res.holdout_reward == pytest.approx(1.0)
     assert [r.id for r in res.rules] == ["good-leak"]  # pruned to what matters
     r = res.rules[0]
-    assert r.stats["fold"] == "dev_holdout" and r.stats["precision"] == 1.0
+    assert r.stats["fold"] == "dev_holdout" and r.stats["holdout_precision"] == 1.0
+    # trust: held-out precision (3/3) shrunk towards the training precision 0.9 with m = 2
+    assert r.stats["precision"] == pytest.approx((3 + 2 * 0.9) / (3 + 2))
     assert r.provenance["search_stats"]["fold"] == "dev_search"
     assert r.provenance["train_stats"]["precision"] == 0.9
     assert res.params["n_search"] + res.params["n_holdout"] == len(dev)
@@ -134,7 +148,8 @@ def test_rule_search_finds_the_fix_and_reports():
     assert tr["is_best"].sum() == 1 and tr.loc[0, "visits"] == 12
     assert tr.loc[tr["is_best"], "reward"].item() == pytest.approx(1.0)
     assert len(res.iterations) == 12 and res.iterations["best_reward"].is_monotonic_increasing
-    assert res.cost["calls"] == prop.calls >= 1 and res.cost["cache_hits"] >= 1
+    assert res.cost["calls"] == prop.calls >= 1
+    assert res.cost["requests"] == prop.calls + prop.cache_hits
     assert res.cost["reward_evals"] >= 1 and res.cost["wall_s"] > 0
     m = res.metrics
     assert set(m["split"]) == {"search", "holdout"} and set(m["task"]) == {"pooled", "image",
@@ -145,15 +160,15 @@ def test_rule_search_finds_the_fix_and_reports():
 
 
 def test_rule_search_is_deterministic_and_combine_is_pluggable():
-    a = mcts_search(FakeProposer(), _dev(), iterations=8, seed=1)
-    b = mcts_search(FakeProposer(), _dev(), iterations=8, seed=1)
+    a = mcts_search(FakeProposer(), _dev(), _cfg(iterations=8), combine=COMBINE, seed=1)
+    b = mcts_search(FakeProposer(), _dev(), _cfg(iterations=8), combine=COMBINE, seed=1)
     cols = ["node", "parent", "action", "reward", "visits"]
     assert a.trace[cols].equals(b.trace[cols])
 
     def model_only(proba, result):
         return proba.argmax(axis=1)
 
-    c = mcts_search(FakeProposer(), _dev(), iterations=4, combine=model_only, seed=1)
+    c = mcts_search(FakeProposer(), _dev(), _cfg(iterations=4), combine=model_only, seed=1)
     assert c.search_reward == c.search_base and c.rules == [] and c.params["combine"] == \
         "model_only"
 
@@ -161,8 +176,8 @@ def test_rule_search_is_deterministic_and_combine_is_pluggable():
 def test_actions_specialise_generalise_drop():
     dev = _dev()
     prop = FakeProposer()
-    res = mcts_search(prop, dev, iterations=25, width=3, depth=4, seed=0, prune=False,
-                      action_weights={"add": 0.4, "specialise": 0.2, "generalise": 0.2,
+    res = mcts_search(prop, dev, _cfg(iterations=25, width=3, depth=4, add_batch=1),
+                      combine=COMBINE, seed=0, prune=False, action_weights={"add": 0.4, "specialise": 0.2, "generalise": 0.2,
                                       "drop": 0.2})
     kinds = {a.split()[0] for a in res.trace["action"]}
     assert {"add", "drop"} <= kinds and kinds & {"specialise", "generalise"}
@@ -175,8 +190,9 @@ def test_actions_specialise_generalise_drop():
 
 def test_top_n_baseline_respects_budget():
     prop = FakeProposer()
-    res = top_n_rules(prop, _dev(), budget=1, n_rules=1, seed=3, holdout_fraction=0.25)
-    assert res.cost["calls"] == 1 and res.method == "top_n"
+    res = top_n_rules(prop, _dev(), _cfg(holdout_fraction=0.25), budget=1, n_rules=1,
+                      combine=COMBINE, seed=3)
+    assert res.cost["requests"] == 1 and res.method == "top_n"
     # highest training precision first: the good rule
     assert [r.id for r in res.rules] == ["good-leak"]
     assert res.holdout_reward == pytest.approx(1.0)
@@ -198,9 +214,8 @@ def test_prune_and_split_and_params():
     assert len(np.intersect1d(s, h)) == 0 and len(s) + len(h) == len(dev)
     assert (split_dev(dev.y, 0.25, seed=0)[1] == h).all()
     assert not (split_dev(dev.y, 0.25, seed=1)[1] == h).all()
-    assert search_params(resolve("tiny").rules) == {"uct_c": 1.0, "width": 2, "depth": 2,
-                                                    "iterations": 4, "precision_threshold": 0.8,
-                                                    "holdout_fraction": 0.3}
+    assert resolve("tiny").rules.iterations == 4 and resolve("mini").rules.proposer == "data"
+    assert trust(np.array([0]), np.array([0]), np.array([0.9])) == pytest.approx(0.9)
     with pytest.raises(ValueError, match="sizes differ"):
         EvalSet(dev.obs, dev.y[:-1], dev.proba)
     search, hold = dev.split(0.25, seed=0)
