@@ -30,7 +30,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from kdsl_utils import knowledge

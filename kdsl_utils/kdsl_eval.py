@@ -31,7 +31,7 @@ import pandas as pd
 
 from . import collab, report
 from .data.labels import ALL_LABELS
-from .metrics import metric_rows
+from .metrics import metric_rows, weighted_f1_idx
 from .models.base import Predictions
 from .rules.engine import Observables, RuleEngine, RuleResult
 from .rules.mcts import SearchResult
@@ -141,35 +141,141 @@ def rules_with_fallback(result: RuleResult, tasks: Sequence[str],
     return np.where(result.fired >= 0, result.label_idx, fb)
 
 
-def split_rows(rule_sets: Mapping[str, RuleSet], proba: Mapping[str, Predictions],
-               obs: Observables, fallback: dict[str, int], primary: str, *, experiment: str,
-               seed: int, split: str, n_boot: int = 0
-               ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, RuleResult]]:
-    """Every row of one test split: weighted F1 per variant (with bootstrap CI rows and,
-    for KDSL rows, the paired gain over their model when ``n_boot``), coverage rows per rule
-    set. Returns ``(rows, predictions, rule results)``."""
-    preds, results = predictions(rule_sets, proba, obs, fallback, primary)
-    base = proba["kdsl"]
-    y, tasks = base.gold_idx, base.tasks
-    ids = {"experiment": experiment, "seed": seed, "split": split}
+def test_rows(rule_sets: Mapping[str, RuleSet], proba: Mapping[str, Mapping[str, Predictions]],
+              obs: Mapping[str, Observables], fallback: dict[str, int], primary: str, *,
+              experiment: str, seed: int, n_boot: int = 0,
+              families: Mapping[str, str] | None = None, model: Any = None,
+              tests: Mapping[str, Sequence[Any]] | None = None
+              ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """Every row of every test split (``obs``'s keys; ``proba``: variant -> split ->
+    predictions): weighted F1 per variant, with bootstrap CI rows and, for KDSL rows, the
+    paired gain over their model when ``n_boot``; coverage rows per rule set.
+
+    ``families`` (family -> strategy name, e.g. held-out best per family) adds a
+    ``strategy:<family>`` row per family on the profile's MCTS rules; ``model`` (a loaded
+    Qwen-VL backend) with ``tests`` (split -> records) adds ``strategy:prompt_injection``.
+    Returns ``(rows, decisions)``: per test record of KDSL's row, model and final label, which
+    source decided and which rule fired."""
     rows: list[dict[str, Any]] = []
-    gold = [ALL_LABELS[i] for i in y]
-    for variant, pred in preds.items():
-        labels = [ALL_LABELS[i] for i in pred]
-        rows += metric_rows(gold, labels, tasks, variant=variant, **ids)
+    decisions = []
+    main = f"mcts@{primary}"
+    grid = collab.strategy_grid()
+    for split in obs:
+        p_split = {v: proba[v][split] for v in proba}
+        preds, results = predictions(rule_sets, p_split, obs[split], fallback, primary)
+        base = p_split["kdsl"]
+        if main in results:
+            for fam, name in (families or {}).items():
+                preds[f"strategy:{fam}"] = grid[name](base.proba, results[main])
+            if model is not None and tests is not None:  # rules written into the prompt
+                injected = collab.injected_records(tests[split], results[main])
+                preds["strategy:prompt_injection"] = model.predict_proba(injected).pred_idx
+        y, tasks = base.gold_idx, base.tasks
+        ids = {"experiment": experiment, "seed": seed, "split": split}
+        gold = [ALL_LABELS[i] for i in y]
+        for variant, pred in preds.items():
+            labels = [ALL_LABELS[i] for i in pred]
+            rows += metric_rows(gold, labels, tasks, variant=variant, **ids)
+            if n_boot:
+                rows += report.ci_rows(gold, labels, tasks, n_boot=n_boot, boot_seed=seed,
+                                       variant=variant, **ids)
         if n_boot:
-            rows += report.ci_rows(gold, labels, tasks, n_boot=n_boot, boot_seed=seed,
-                                   variant=variant, **ids)
-    if n_boot:
-        for name, rs in rule_sets.items():
-            model = proba[rs.variant].pred_idx
-            for v in kdsl_variants(name, primary):
-                rows += report.gain_rows(y, preds[v], model, tasks, n_boot=n_boot,
-                                         boot_seed=seed, variant=v, **ids)
-    for name, res in results.items():
-        rows += coverage_rows(res, y, proba[rule_sets[name].variant].pred_idx,
-                              variant=f"rules[{name}]", **ids)
-    return rows, preds, results
+            for name, rs in rule_sets.items():
+                for v in kdsl_variants(name, primary):
+                    rows += report.gain_rows(y, preds[v], p_split[rs.variant].pred_idx, tasks,
+                                             n_boot=n_boot, boot_seed=seed, variant=v, **ids)
+        for name, res in results.items():
+            rows += coverage_rows(res, y, p_split[rule_sets[name].variant].pred_idx,
+                                  variant=f"rules[{name}]", **ids)
+        if main in results:
+            decisions.append(collab.decisions(base.proba, results[main], preds["kdsl"])
+                             .assign(split=split, label=gold, task=list(tasks)))
+    return rows, (pd.concat(decisions, ignore_index=True) if decisions else pd.DataFrame())
+
+
+def coverage_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per rule set and split: coverage, records covered, the rules' precision there beside
+    the model's on the same records."""
+    m = metrics[metrics.variant.str.startswith("rules[") & metrics.metric.isin(
+        ["coverage", "n_covered", "precision_covered", "model_precision_covered"])]
+    return m.pivot_table(index=["variant", "split"], columns="metric", values="value").round(3)
+
+
+def search_summary(searches: Mapping[str, tuple[SearchResult, str]]) -> pd.DataFrame:
+    """One row per search: rules found / shipped, strategy, search-part and held-out F1,
+    proposer requests (calls + cache hits), root-child visits, seconds."""
+    rows = []
+    for name, (res, variant) in searches.items():
+        c = res.cost
+        rows.append({"rule set": name, "model": variant, "found": len(res.found or ()),
+                     "shipped": len(res.rules), "strategy": res.strategy,
+                     "search F1": f"{res.search_base:.4f} → {res.search_reward:.4f}",
+                     "held-out F1 (override)": f"{res.holdout_base:.4f} → "
+                                               f"{res.holdout_reward:.4f}",
+                     "held-out gain, chosen strategy": round(
+                         res.params.get("holdout_gain_chosen", float("nan")), 4),
+                     "requests": c.get("requests"), "calls": c.get("calls"),
+                     "cache hits": c.get("cache_hits"), "tokens": c.get("tokens"),
+                     "root child visits": c.get("root_child_visits", ""),
+                     "max depth": c.get("max_depth", ""), "seconds": c.get("wall_s")})
+    return pd.DataFrame(rows)
+
+
+def ship_line(name: str, res: SearchResult) -> str:
+    """One sentence on whether a rule set ships, and why."""
+    n, gain = len(res.found or ()), res.params.get("holdout_gain_chosen", float("nan"))
+    if res.shipped:
+        return (f"{name}: {n} rules found, shipped with strategy {res.strategy} "
+                f"(held-out dev gain {100 * gain:+.2f} points)")
+    return (f"{name}: {n} rules found, NOT shipped — no strategy beats the model alone on the "
+            f"held-out dev part (best gain {100 * gain:+.2f} points); the empty rule set ships")
+
+
+def holdout_check(rs: RuleSet, holdout: Any) -> tuple[float, float]:
+    """(F1 of the shipped rules under their strategy, F1 of the model alone) on a held-out
+    part, recomputed from a rule set as read back from notebook 02's files."""
+    res = holdout.engine.apply(rs.rules)
+    return (weighted_f1_idx(holdout.y, rs.predict(holdout.proba, res)),
+            weighted_f1_idx(holdout.y, holdout.base_pred))
+
+
+def best_by_family(table: pd.DataFrame) -> dict[str, str]:
+    """Family -> its best strategy by held-out F1 (ties: the earlier, simpler one)."""
+    t = table[table.family != "model"]
+    best = t.loc[t.groupby("family", sort=False)["dev_weighted_f1"].idxmax()]
+    return dict(zip(best.family, best.strategy))
+
+
+def error_analysis(decisions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Where the shipped rules changed KDSL's answer: per task changed / helped / hurt, and
+    per rule helped / hurt / neutral."""
+    changed = decisions[decisions.model_pred != decisions.final_pred]
+    outcome = np.where(changed.final_pred == changed.label, "helped",
+                       np.where(changed.model_pred == changed.label, "hurt", "neutral"))
+    changed = changed.assign(outcome=outcome)
+    summary = pd.DataFrame({"changed by rules": changed.groupby("task").size(),
+                            "helped": changed[outcome == "helped"].groupby("task").size(),
+                            "hurt": changed[outcome == "hurt"].groupby("task").size()}
+                           ).fillna(0).astype(int)
+    by_rule = changed.groupby(["fired_rule", "outcome"]).size().unstack(fill_value=0)
+    return summary, by_rule
+
+
+def examples(decisions: pd.DataFrame, tests: Mapping[str, Sequence[Any]],
+             rules: Sequence[Rule], n: int = 3) -> list[str]:
+    """Up to ``n`` helped and ``n`` hurt changes as readable text (gold, model → final, the
+    rule, the customer's words)."""
+    text = {r.id: r.describe() for r in rules}
+    by_id = {(s, r.id): r for s, recs in tests.items() for r in recs}
+    ch = decisions[decisions.model_pred != decisions.final_pred]
+    picks = pd.concat([ch[ch.final_pred == ch.label].head(n), ch[ch.model_pred == ch.label].head(n)])
+    out = []
+    for _, d in picks.iterrows():
+        rec = by_id[(d.split, d.id)]
+        out.append(f"[{'helped' if d.final_pred == d.label else 'hurt'}] {d.split} {d.id} · gold "
+                   f"{d.label} · model {d.model_pred} → {d.final_pred}\n  rule: "
+                   f"{text.get(d.fired_rule, d.fired_rule)}\n  customer: {rec.user_text[:160]!r}")
+    return out
 
 
 def search_rows(searches: Mapping[str, tuple[SearchResult, str]], *, experiment: str,

@@ -23,12 +23,12 @@ import numpy as np
 
 from . import collab
 from .config import Profile
-from .data.labels import ALL_LABELS, LABEL_TO_TASK
+from .data.labels import ALL_LABELS
 from .data.records import Record
 from .data.splits import stratified_split
 from .features import FeatureCache, ocr_images, ocr_text
 from .models.base import FitLog, Predictions
-from .rules.engine import Observables, RuleResult, build_observables, concat_observables
+from .rules.engine import Observables, build_observables, concat_observables
 from .rules.mcts import EvalSet, SearchResult, mcts_search, top_n_rules
 from .rules.propose import DataProposer, LLMProposer, Proposer
 
@@ -157,3 +157,27 @@ def search_rules(cfg: Profile, fit_obs: Observables, dev: EvalSet, *, seed: int,
     topn = top_n_rules(make(teach), dev, cfg.rules, budget=max(1, int(mcts.cost["requests"])),
                        n_rules=len(mcts.found or ()), combine=combine, seed=seed)
     return mcts, collab.ship(topn, holdout)
+
+
+def search_all(cfg: Profile, fit_obs: Observables, dev_sets: dict[str, EvalSet], *, seed: int,
+               make: dict[str, Callable[[Observables], Proposer]], progress: bool = True
+               ) -> dict[str, tuple[SearchResult, str]]:
+    """Every search notebook 02 runs, by rule set name (``kdsl_eval.rule_set_name``) →
+    (shipped result, model variant): per proposer of ``proposers(cfg)`` MCTS on the KDSL
+    model; for the profile's own proposer also the matched top-N and, where ``dev_sets``
+    holds the no-augmentation model, that model's own search. ``make``: proposer kind →
+    factory from training observables."""
+    out: dict[str, tuple[SearchResult, str]] = {}
+    for kind in proposers(cfg):
+        own = kind == cfg.rules.proposer
+        mcts, topn = search_rules(cfg, fit_obs, dev_sets["kdsl"], seed=seed, make=make[kind],
+                                  progress=progress, top_n=own)
+        out[f"mcts@{kind}"] = (mcts, "kdsl")
+        if topn is not None:
+            out[f"top_n@{kind}"] = (topn, "kdsl")
+        if own and "no_aug" in dev_sets:  # the ablation's own search: its rules, its model
+            out[f"mcts_noaug@{kind}"] = (search_rules(cfg, fit_obs, dev_sets["no_aug"],
+                                                      seed=seed, make=make[kind],
+                                                      progress=progress, top_n=False)[0],
+                                         "no_aug")
+    return out

@@ -14,7 +14,7 @@ from kdsl_utils.collab import make_override
 from kdsl_utils.config import RulesCfg, resolve
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
 from kdsl_utils.data.records import USER, Record, Turn
-from kdsl_utils.rules import (Condition, EvalSet, Proposer, TreeSearch, build_observables,
+from kdsl_utils.rules import (Condition, DataProposer, EvalSet, Proposer, TreeSearch, build_observables,
                               concat_observables, label_indices, make_rule, mcts_search, prune_rules,
                               split_dev, top_n_rules, trust)
 
@@ -224,3 +224,77 @@ def test_prune_and_split_and_params():
     assert len(both) == len(dev) and sorted(both.ids) == sorted(dev.obs.ids)
     assert both.labels.tolist() == search.y.tolist() + hold.y.tolist()
     assert both.fields["image_count"].tolist() == [1] * len(dev)
+
+
+# ------------------------------------------------------------------------------ issue 15, item 2
+
+
+def test_normalised_uct_follows_small_reward_differences():
+    """Rewards 0.01 apart: raw UCT with c = 1 visits the root's children evenly; on rewards
+    normalised over the tree the best child gets most of the visits."""
+    def expand(state, width, rng):
+        return [(f"+{a}", state + (a,)) for a in (1, 2, 3)]
+
+    def visits(normalise):
+        t = TreeSearch((), expand, lambda s: np.mean(s) / 100 if s else 0.0, uct_c=1.0,
+                       width=3, depth=6, normalise=normalise)
+        t.run(30)
+        return [t.nodes[i].visits for i in t.root.children]
+
+    raw, norm = visits(False), visits(True)
+    assert raw == [10, 10, 10]  # the issue's symptom: exploration swamps 0.01 differences
+    assert norm[2] == max(norm) and norm[2] >= 2 * norm[0]  # measured: [7, 9, 14]
+
+
+def test_rule_set_size_not_tied_to_depth():
+    res = mcts_search(FakeProposer(), _dev(), _cfg(iterations=6, depth=1, add_batch=2),
+                      combine=COMBINE, seed=0, prune=False)
+    assert res.cost["max_depth"] == 1 and res.cost["best_node_rules"] == 2
+    assert (res.trace["size"] > res.trace["depth"]).any()
+    assert "+ user_text any {漏水}" in " ".join(res.trace["changed"])
+
+
+def _dev_two_errors(n_per: int = 12):
+    ev = _dev(n_per)
+    pred = np.where(ev.y == ALL_LABELS.index(SEASON), ALL_LABELS.index(MATERIAL), ev.base_pred)
+    proba = np.zeros_like(ev.proba)
+    proba[np.arange(len(pred)), pred] = 1.0
+    return EvalSet(ev.obs, ev.y, proba)
+
+
+class TwoLabelProposer(FakeProposer):
+    def __init__(self):
+        super().__init__()
+        self.bank[SEASON] = [make_rule("intent", SEASON, [_c("冬天")], id="season",
+                                       stats={"support": 9, "precision": 1.0})]
+
+
+@pytest.mark.parametrize("target", ["roundrobin", "sample"])
+def test_targets_spread_over_labels_with_errors(target):
+    res = mcts_search(TwoLabelProposer(), _dev_two_errors(),
+                      _cfg(iterations=8, target=target, add_batch=1), combine=COMBINE, seed=0)
+    assert set(res.params["targets"]) == {LEAK, SEASON}
+    assert {r.label for r in res.rules} == {LEAK, SEASON}
+    assert res.search_reward == pytest.approx(1.0)
+
+
+def test_proposal_key_carries_the_rule_set():
+    dev = _dev()
+    prop = DataProposer(dev.obs)
+    first = prop.propose(LEAK, [], k=1)
+    again = prop.propose(LEAK, [], k=1, context=tuple(first))
+    assert first and again and first[0].key != again[0].key
+    assert prop.calls == 2 and prop.cache_hits == 0
+    assert prop.propose(LEAK, [], k=1) == first and prop.cache_hits == 1
+
+
+def test_top_n_budget_counts_cache_hits_and_matches_rule_count():
+    prop = TwoLabelProposer()
+    dev = _dev_two_errors()
+    res = top_n_rules(prop, dev, _cfg(), budget=3, n_rules=2, combine=COMBINE, seed=0)
+    assert res.cost["requests"] <= 3 and res.cost["requests"] == prop.calls + prop.cache_hits
+    assert len(res.rules) == 2
+    warm = TwoLabelProposer()  # answers from its cache still spend the budget
+    top_n_rules(warm, dev, _cfg(), budget=2, n_rules=1, combine=COMBINE, seed=0)
+    again = top_n_rules(warm, dev, _cfg(), budget=2, n_rules=1, combine=COMBINE, seed=0)
+    assert again.cost["requests"] == 2 and again.cost["calls"] == 0
