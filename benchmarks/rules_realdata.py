@@ -30,14 +30,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from kdsl_utils import knowledge
+from kdsl_utils import collab, kdsl_eval, knowledge, report
 from kdsl_utils.config import resolve
 from kdsl_utils.data.augment import augment_training_set
 from kdsl_utils.data.mire import load_mire
 from kdsl_utils.data.splits import stratified_split
-from kdsl_utils.rules import EvalSet
+from kdsl_utils.rules import EvalSet, RuleEngine, concat_observables, mcts_search
 
 
 def folds_of(records, k: int, seed: int) -> list[list[int]]:
@@ -65,8 +66,7 @@ def prepare(mire: str, seed: int, n_folds: int, cache: Path) -> dict:
     cfg = resolve("mini")
     data = load_mire(mire, decode_images=False)
     t0 = time.perf_counter()
-    obs_all = knowledge.observables_for(data.train + data.tests["test1"], ocr=cfg.rules_ocr,
-                                        workers=cfg.ocr_workers)
+    obs_all = knowledge.observables_for(data.train + data.tests["test1"], cfg)
     pos = {rid: i for i, rid in enumerate(obs_all.ids)}
     sub = lambda recs: obs_all.subset([pos[r.id] for r in recs])  # noqa: E731
     print(f"observables (OCR {cfg.rules_ocr}) in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -99,18 +99,131 @@ def evalset(obs, preds) -> EvalSet:
     return EvalSet(obs, preds.gold_idx, preds.proba)
 
 
+def run_one(cfg, prepared: dict, seed: int) -> list[dict]:
+    """MCTS and matched top-N (data proposer) on one evaluation set; per method the search
+    report and the test-part predictions (label indices) of model and KDSL."""
+    dev = evalset(*prepared["dev"])
+    t_obs, t_pred = prepared["test"]
+    hold = dev.split(cfg.rules.holdout_fraction, seed)[1]
+    make = lambda teach: knowledge.make_proposer(cfg, teach, kind="data", seed=seed)  # noqa: E731
+    mcts, topn = knowledge.search_rules(cfg, prepared["fit_obs"], dev, seed=seed, make=make,
+                                        progress=False)
+    out = []
+    for res in (mcts, topn):
+        rs = kdsl_eval.as_rule_set(res.method, res, "kdsl")
+        found = RuleEngine(t_obs).apply(res.found or [])  # trust in the rules' stats
+        shipped = RuleEngine(t_obs).apply(rs.rules)
+        h_with, h_model = kdsl_eval.holdout_check(rs, hold)
+        # the found rules under their best strategy, shipped or not: what the gate withheld
+        out.append({"method": res.method, "res": res, "y": t_pred.gold_idx,
+                    "tasks": np.asarray(t_pred.tasks), "model": t_pred.pred_idx,
+                    "kdsl": rs.predict(t_pred.proba, shipped),
+                    "unshipped": collab.strategy_grid()[
+                        res.strategy_table.sort_values("dev_weighted_f1", ascending=False)
+                        .strategy.iloc[0]](t_pred.proba, found),
+                    "fired": found.fired >= 0, "rule_label": found.label_idx,
+                    "holdout_with": h_with, "holdout_model": h_model})
+    return out
+
+
+def summarise(name: str, runs: list[dict], n_boot: int, seed: int) -> dict:
+    """One table row from one or more runs of a method (cv folds are pooled)."""
+    cat = {k: np.concatenate([r[k] for r in runs]) for k in
+           ("y", "tasks", "model", "kdsl", "unshipped", "fired", "rule_label")}
+    ci = report.paired_gain_ci(cat["y"], cat["kdsl"], cat["model"], cat["tasks"],
+                               n_boot=n_boot, seed=seed).set_index("task")
+    ci_u = report.paired_gain_ci(cat["y"], cat["unshipped"], cat["model"], cat["tasks"],
+                                 n_boot=n_boot, seed=seed).set_index("task")
+    f = cat["fired"]
+    res = [r["res"] for r in runs]
+    return {
+        "eval": name, "method": runs[0]["method"],
+        "found": "/".join(str(len(r.found or ())) for r in res),
+        "shipped": "/".join(str(len(r.rules)) for r in res),
+        "strategy": "/".join(str(r.strategy) for r in res),
+        "requests": "/".join(str(r.cost["requests"]) for r in res),
+        "calls": "/".join(str(r.cost["calls"]) for r in res),
+        "held-out Δ": "/".join(f"{100 * (r['holdout_with'] - r['holdout_model']):+.1f}"
+                               for r in runs),
+        "test n": len(cat["y"]), "covered": int(f.sum()),
+        "rule prec": round(float((cat["rule_label"][f] == cat["y"][f]).mean()), 3)
+        if f.any() else None,
+        "model prec same": round(float((cat["model"][f] == cat["y"][f]).mean()), 3)
+        if f.any() else None,
+        "KDSL−model": f"{100 * ci.loc['pooled', 'gain']:+.2f} [{100 * ci.loc['pooled', 'lo']:+.2f}, "
+                      f"{100 * ci.loc['pooled', 'hi']:+.2f}]",
+        "found rules, no gate": f"{100 * ci_u.loc['pooled', 'gain']:+.2f} "
+                                f"[{100 * ci_u.loc['pooled', 'lo']:+.2f}, "
+                                f"{100 * ci_u.loc['pooled', 'hi']:+.2f}]",
+    }
+
+
+VARIANTS = {  # search settings compared on the same data (issue 15, item 2: measure)
+    "default": {},
+    "raw UCT c=1": {"normalise_rewards": False, "uct_c": 1.0},
+    "target=most": {"target": "most"},
+    "old (raw c=1, depth 5, most, batch 1)": {"normalise_rewards": False, "uct_c": 1.0,
+                                              "depth": 5, "target": "most", "add_batch": 1},
+}
+
+
+def search_variants(sets: dict, seed: int) -> pd.DataFrame:
+    """MCTS under each ``VARIANTS`` setting on every evaluation set: rules found, root-child
+    visits, depth, requests / calls / cache hits, search and held-out gain (override)."""
+    rows = []
+    for vname, over in VARIANTS.items():
+        cfg = resolve("mini", **{f"rules__{k}": v for k, v in over.items()})
+        for ename, prep in sets.items():
+            dev = evalset(*prep["dev"])
+            teach = concat_observables(prep["fit_obs"],
+                                       dev.split(cfg.rules.holdout_fraction, seed)[0].obs)
+            res = mcts_search(knowledge.make_proposer(cfg, teach, kind="data", seed=seed), dev,
+                              cfg.rules, combine=collab.make_override(
+                                  cfg.rules.precision_threshold), seed=seed)
+            c = res.cost
+            rows.append({"variant": vname, "eval": ename, "found": len(res.rules),
+                         "root visits": c["root_child_visits"], "max depth": c["max_depth"],
+                         "requests": c["requests"], "calls": c["calls"],
+                         "cache hits": c["cache_hits"],
+                         "search Δ": round(100 * (res.search_reward - res.search_base), 2),
+                         "held-out Δ": round(100 * (res.holdout_reward - res.holdout_base), 2),
+                         "targets": len(res.params["targets"])})
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mire", nargs="?", default=os.environ.get("KDSL_MIRE_DIR", "../shared/mire"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--cache", default="/tmp/kdsl_rules_bench")
+    ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--no-variants", action="store_true")
     args = ap.parse_args()
     sets = prepare(args.mire, args.seed, args.folds, Path(args.cache))
     if args.prepare_only:
         return
-    pd.set_option("display.width", 200)
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_columns", 30)
+    cfg = resolve("mini")
+    t0 = time.perf_counter()
+    runs = {name: run_one(cfg, prep, args.seed) for name, prep in sets.items()}
+    rows = []
+    for j in range(2):  # mcts, top_n
+        rows.append(summarise("test1", [runs["test1"][j]], args.n_boot, args.seed))
+        rows.append(summarise(f"cv ({args.folds} folds pooled)",
+                              [runs[n][j] for n in runs if n.startswith("cv")], args.n_boot,
+                              args.seed))
+    print(f"# proposer: data (DataProposer); mini profile; seed {args.seed}; "
+          f"RulesCfg {cfg.rules}; searches {time.perf_counter() - t0:.0f} s")
+    print("# x/y/z: one value per fold; covered / precisions: the found rules' first firing "
+          "rule on the test part (trust-ungated), model prec same = the model on those records")
+    print(pd.DataFrame(rows).to_string(index=False))
+    if not args.no_variants:
+        print("\n# search settings (MCTS only, data proposer; held-out Δ with override at the "
+              "search threshold, points)")
+        print(search_variants(sets, args.seed).to_string(index=False))
 
 
 if __name__ == "__main__":
