@@ -118,6 +118,8 @@ class RulesCfg:
     max_rules: int = 50
     target: str = "roundrobin"  # add-action label: "roundrobin" over labels with errors |
     #   "sample" (by error mass) | "most" (most errors; the old behaviour, repeats itself)
+    init_rules: str = ""  # rule-base JSON the searches start from (a name in rules/fixtures/
+    #   or a path); tiny's smoke runs start from a fixture, its model proposes no valid rule
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,8 @@ def _base(name: str) -> Profile:
             train=TrainCfg(epochs=1.0, learning_rate=2e-2, batch_size=2, grad_accum=1, warmup_ratio=0.0,
                            lr_scheduler="constant",
                            max_steps=8, gradient_checkpointing=False, eval_batch_size=4),
-            rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2),
+            rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2,
+                           init_rules="synthetic_intent.json"),
         )
     raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
 

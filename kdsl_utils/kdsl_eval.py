@@ -105,14 +105,15 @@ def as_rule_set(name: str, res: SearchResult, variant: str) -> RuleSet:
 def coverage_rows(result: RuleResult, y: np.ndarray, model_pred: np.ndarray,
                   **ids: Any) -> list[dict[str, Any]]:
     """Where the rules fire: coverage, records covered, the rules' precision there and the
-    model's precision on the same records (pooled; NaN where nothing fires)."""
+    model's precision on the same records (pooled; no precision rows where nothing fires)."""
     cov = result.fired >= 0
     n = int(cov.sum())
     rp = float((result.label_idx[cov] == y[cov]).mean()) if n else float("nan")
     mp = float((model_pred[cov] == y[cov]).mean()) if n else float("nan")
-    return [{**ids, "task": "pooled", "metric": m, "value": v} for m, v in
-            (("coverage", result.coverage), ("n_covered", n), ("precision_covered", rp),
-             ("model_precision_covered", mp))]
+    vals = [("coverage", result.coverage), ("n_covered", n)]
+    if n:  # precisions are undefined where no rule fires (metrics.csv holds no NaN)
+        vals += [("precision_covered", rp), ("model_precision_covered", mp)]
+    return [{**ids, "task": "pooled", "metric": m, "value": v} for m, v in vals]
 
 
 def predictions(rule_sets: Mapping[str, RuleSet], proba: Mapping[str, Predictions],

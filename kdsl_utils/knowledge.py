@@ -31,6 +31,7 @@ from .models.base import FitLog, Predictions
 from .rules.engine import Observables, build_observables, concat_observables
 from .rules.mcts import EvalSet, SearchResult, mcts_search, top_n_rules
 from .rules.propose import DataProposer, LLMProposer, Proposer
+from .rules.schema import Rule, load_rulebase
 
 
 def dev_split(train: Sequence[Record], cfg: Profile, seed: int) -> tuple[list[Record], list[Record]]:
@@ -134,6 +135,21 @@ def majority_labels(train: Sequence[Record]) -> dict[str, int]:
     return out
 
 
+#: Rule bases shipped with the package (``RulesCfg.init_rules`` names one of them).
+FIXTURES = Path(__file__).parent / "rules" / "fixtures"
+
+
+def init_rules(cfg: Profile) -> list[Rule]:
+    """The rules the profile's searches start from (``RulesCfg.init_rules``; none by
+    default). ``tiny`` starts from a fixture mined on synthetic data of another seed, so its
+    smoke runs carry real rules although its random model proposes no valid one."""
+    name = cfg.rules.init_rules
+    if not name:
+        return []
+    path = FIXTURES / name if (FIXTURES / name).is_file() else Path(name)
+    return list(load_rulebase(path).rules)
+
+
 def search_rules(cfg: Profile, fit_obs: Observables, dev: EvalSet, *, seed: int,
                  make: Callable[[Observables], Proposer], progress: bool = True,
                  top_n: bool = True) -> tuple[SearchResult, SearchResult | None]:
@@ -150,12 +166,14 @@ def search_rules(cfg: Profile, fit_obs: Observables, dev: EvalSet, *, seed: int,
     search_part, holdout = dev.split(cfg.rules.holdout_fraction, seed)
     teach = concat_observables(fit_obs, search_part.obs)
     combine = collab.make_override(cfg.rules.precision_threshold)
+    init = init_rules(cfg)
     mcts = collab.ship(mcts_search(make(teach), dev, cfg.rules, combine=combine, seed=seed,
-                                   progress=progress), holdout)
+                                   progress=progress, init_rules=init), holdout)
     if not top_n:
         return mcts, None
     topn = top_n_rules(make(teach), dev, cfg.rules, budget=max(1, int(mcts.cost["requests"])),
-                       n_rules=len(mcts.found or ()), combine=combine, seed=seed)
+                       n_rules=len(mcts.found or ()), combine=combine, seed=seed,
+                       init_rules=init)
     return mcts, collab.ship(topn, holdout)
 
 

@@ -339,6 +339,8 @@ class RuleSetProblem:
         self.proposer, self.search, self.combine = proposer, search, combine
         self.k, self.target, self.max_rules = cfg.k, cfg.target, cfg.max_rules
         self.add_batch = max(1, cfg.add_batch)
+        self.tries = 2 * max(1, cfg.width)
+        self.dry: set[str] = set()
         self._rr = 0  # round-robin position over the labels with errors, across expansions
         self.targets: Counter = Counter()  # label -> add actions that targeted it
         self.weights = {"add": 0.55, "specialise": 0.15, "generalise": 0.15, "drop": 0.15}
@@ -401,12 +403,17 @@ class RuleSetProblem:
 
     def _add(self, state, errors, ranking, used, rng):
         have = {r.key for r in state}
-        for lab in self._target_order(ranking, used, rng):
+        # at most ``width`` labels per add: a proposer with nothing for them (the tiny
+        # model's empty answers) must not be asked about every label of the task in turn
+        order = [lab for lab in self._target_order(ranking, used, rng) if lab not in self.dry]
+        for lab in order[: self.tries]:
             if used.get(lab) == -1:
                 continue  # exhausted in this expansion
             # the current rule set is part of the request: asked again from another state,
             # the proposer answers with rules that state does not hold yet
             props = self.proposer.propose(lab, errors, self.k, context=state)
+            if not props:  # nothing new for this label: spend no more requests on it
+                self.dry.add(lab)
             self._remember(props)
             new = [r for r in props if r.key not in have]
             j = used.get(lab, 0)
@@ -685,21 +692,23 @@ def mcts_search(proposer: Proposer, dev: EvalSet | tuple, cfg: RulesCfg, *,
 
 
 def top_n_rules(proposer: Proposer, dev: EvalSet | tuple, cfg: RulesCfg, *, budget: int,
-                n_rules: int, combine: CombineFn, seed: int = 0) -> SearchResult:
+                n_rules: int, combine: CombineFn, seed: int = 0,
+                init_rules: Sequence[Rule] = ()) -> SearchResult:
     """Baseline without search, matched to MCTS: ``budget`` proposal *requests* (calls and
     cache hits alike, as MCTS's are counted) go round-robin over the labels with model errors
     on the search part, each request carrying the rules already collected for that label
     (so a second request yields new proposals); the ``n_rules`` proposals with the highest
     training precision (then support) are kept, in decision-list order, and scored like
-    ``mcts_search``'s best set. ``n_rules`` is MCTS's rule count in the pipeline. Use a
-    fresh proposer (a shared one would answer from MCTS's cache)."""
+    ``mcts_search``'s best set. ``n_rules`` is MCTS's rule count in the pipeline;
+    ``init_rules`` (MCTS's starting rules) join the pool. Use a fresh proposer (a shared one
+    would answer from MCTS's cache)."""
     t0 = time.perf_counter()
     search, holdout = _prepare(dev, cfg.holdout_fraction, seed)
     calls0, hits0, tok0 = proposer.calls, proposer.cache_hits, proposer.tokens
     wrong = np.flatnonzero(search.base_pred != search.y)
     errors = errors_from(search.obs, search.y, search.base_pred, wrong)
     labels = sorted({ALL_LABELS[int(search.y[i])] for i in wrong}, key=LABEL_INDEX.__getitem__)
-    pool: dict[tuple, Rule] = {}
+    pool: dict[tuple, Rule] = {r.key: r for r in init_rules}
     per_label: dict[str, tuple[Rule, ...]] = {lab: () for lab in labels}
     dry = 0  # consecutive requests that brought nothing new: stop when every label is dry
     while labels and _requests(proposer) - calls0 - hits0 < budget and dry < len(labels):
