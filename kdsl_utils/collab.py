@@ -139,9 +139,12 @@ def ship(result: SearchResult, holdout: EvalSet, grid: dict[str, CombineFn] | No
     gain = float(table.set_index("strategy").loc[best, "dev_weighted_f1"]) - base
     table = table.assign(holdout_model_f1=base)
     ok = bool(found) and gain > 1e-12
+    rest = table[table.strategy != "model"]  # for the diagnostic row without the gate
+    ungated = str(rest.loc[rest["dev_weighted_f1"].idxmax(), "strategy"])
     return dataclasses.replace(result, rules=found if ok else [], found=found, shipped=ok,
                                strategy=best if ok else "model", strategy_table=table,
-                               params={**result.params, "holdout_gain_chosen": gain})
+                               params={**result.params, "holdout_gain_chosen": gain,
+                                       "ungated_strategy": ungated})
 
 
 def decisions(proba: np.ndarray, result: RuleResult, final: np.ndarray) -> pd.DataFrame:

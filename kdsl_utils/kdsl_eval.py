@@ -15,7 +15,10 @@ Rows per rule set and split (``metrics.csv`` schema):
 * ``rules+majority[<name>]`` — the first firing rule's label, else the task's majority
   training label (named so: most of its F1 can be the fallback);
 * ``rules[<name>]`` — ``coverage``, ``n_covered``, ``precision_covered`` (rules' precision
-  where they fire) and ``model_precision_covered`` (the model's, on the same records).
+  where they fire) and ``model_precision_covered`` (the model's, on the same records);
+  ``rules[<name>:found]`` the same for every rule the search found, shipped or not;
+* ``kdsl_ungated[<name>]`` (MCTS sets) — diagnostic: the model with every rule found, the
+  ship gate skipped (what the gate withheld; not KDSL).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .metrics import metric_rows, weighted_f1_idx
 from .models.base import Predictions
 from .rules.engine import Observables, RuleEngine, RuleResult
 from .rules.mcts import SearchResult
-from .rules.schema import Rule, load_rulebase
+from .rules.schema import Rule, RuleBase, load_rulebase
 
 RULE_SETS_FILE = "rule_sets.json"  # notebook 02 -> 03: name -> file, model variant, strategy
 STRATEGIES_FILE = "strategies_{name}.csv"  # the held-out strategy table of each rule set
@@ -53,7 +56,8 @@ class RuleSet:
     proposer: str
     method: str  # "mcts" | "top_n"
     shipped: bool
-    n_found: int
+    found: list[Rule]  # every rule the search kept, shipped or not (trust in their stats)
+    ungated_strategy: str  # the best strategy other than "model" for ``found``
 
     def predict(self, proba: np.ndarray, result: RuleResult) -> np.ndarray:
         return collab.strategy_grid()[self.strategy](proba, result)
@@ -78,10 +82,13 @@ def save_rule_sets(out: Path, searches: Mapping[str, tuple[SearchResult, str]]) 
     for name, (res, variant) in searches.items():
         file = f"rulebase_{name.replace('@', '_')}.json"
         res.rulebase.save(Path(out) / file)
+        RuleBase(list(res.found or ()), meta={"found_by": name, "shipped": res.shipped}
+                 ).save(Path(out) / file.replace(".json", "_found.json"))
         if res.strategy_table is not None:
             res.strategy_table.to_csv(Path(out) / STRATEGIES_FILE.format(name=name), index=False)
         manifest[name] = {"file": file, "variant": variant, "strategy": res.strategy,
                           "shipped": res.shipped, "n_found": len(res.found or ()),
+                          "ungated_strategy": res.params.get("ungated_strategy", "model"),
                           "method": res.method, "proposer": res.cost.get("proposer")}
     tmp = Path(out) / (RULE_SETS_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -92,14 +99,16 @@ def load_rule_sets(up: Path) -> dict[str, RuleSet]:
     """The rule sets notebook 02 wrote into ``up``."""
     manifest = json.loads((Path(up) / RULE_SETS_FILE).read_text(encoding="utf-8"))
     return {name: RuleSet(name, load_rulebase(Path(up) / m["file"]).rules, m["strategy"],
-                          m["variant"], m["proposer"], m["method"], m["shipped"], m["n_found"])
+                          m["variant"], m["proposer"], m["method"], m["shipped"],
+                          load_rulebase(Path(up) / m["file"].replace(".json", "_found.json")).rules,
+                          m["ungated_strategy"])
             for name, m in manifest.items()}
 
 
 def as_rule_set(name: str, res: SearchResult, variant: str) -> RuleSet:
     return RuleSet(name, list(res.rules), res.strategy or "model", variant,
                    str(res.cost.get("proposer")), res.method, bool(res.shipped),
-                   len(res.found or ()))
+                   list(res.found or ()), res.params.get("ungated_strategy", "model"))
 
 
 def coverage_rows(result: RuleResult, y: np.ndarray, model_pred: np.ndarray,
@@ -132,6 +141,10 @@ def predictions(rule_sets: Mapping[str, RuleSet], proba: Mapping[str, Prediction
         for v in kdsl_variants(name, primary):
             preds[v] = rs.predict(p.proba, res)
         preds[f"rules+majority[{name}]"] = rules_with_fallback(res, p.tasks, fallback)
+        if rs.method == "mcts":  # diagnostic: every rule found, the ship gate skipped
+            found = results[f"{name}:found"] = eng.apply(rs.found)
+            preds[f"kdsl_ungated[{name}]"] = collab.strategy_grid()[rs.ungated_strategy](
+                p.proba, found)
     return preds, results
 
 
@@ -185,8 +198,8 @@ def test_rows(rule_sets: Mapping[str, RuleSet], proba: Mapping[str, Mapping[str,
                 for v in kdsl_variants(name, primary):
                     rows += report.gain_rows(y, preds[v], p_split[rs.variant].pred_idx, tasks,
                                              n_boot=n_boot, boot_seed=seed, variant=v, **ids)
-        for name, res in results.items():
-            rows += coverage_rows(res, y, p_split[rule_sets[name].variant].pred_idx,
+        for name, res in results.items():  # "<set>:found" = the rules before the gate
+            rows += coverage_rows(res, y, p_split[rule_sets[name.split(":")[0]].variant].pred_idx,
                                   variant=f"rules[{name}]", **ids)
         if main in results:
             decisions.append(collab.decisions(base.proba, results[main], preds["kdsl"])

@@ -32,6 +32,10 @@ ROWS = {
     "kdsl[mcts@llm]": "KDSL with the small LM's rules",
     "kdsl[top_n]": "Ablation: no MCTS (top-N, N = MCTS's rule count, same proposal requests, "
                    "own strategy)",
+    "kdsl_ungated[mcts@data]": "Diagnostic: model + every rule MCTS found, ship gate skipped "
+                               "(data-driven miner)",
+    "kdsl_ungated[mcts@llm]": "Diagnostic: model + every rule MCTS found, ship gate skipped "
+                              "(small LM)",
     "model[no_aug]": "Ablation: large model fine-tuned without augmentation",
     "kdsl[no_aug]": "Ablation: no augmentation (KDSL pipeline on that model)",
 }
