@@ -10,10 +10,12 @@ import pytest
 
 import dataclasses
 
-from kdsl_utils.collab import make_override
+from kdsl_utils import kdsl_eval
+from kdsl_utils.collab import make_override, ship
 from kdsl_utils.config import RulesCfg, resolve
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
 from kdsl_utils.data.records import USER, Record, Turn
+from kdsl_utils.models.base import Predictions
 from kdsl_utils.rules import (Condition, DataProposer, EvalSet, Proposer, TreeSearch, build_observables,
                               concat_observables, label_indices, make_rule, mcts_search, prune_rules,
                               split_dev, top_n_rules, trust)
@@ -298,3 +300,30 @@ def test_top_n_budget_counts_cache_hits_and_matches_rule_count():
     top_n_rules(warm, dev, _cfg(), budget=2, n_rules=1, combine=COMBINE, seed=0)
     again = top_n_rules(warm, dev, _cfg(), budget=2, n_rules=1, combine=COMBINE, seed=0)
     assert again.cost["requests"] == 2 and again.cost["calls"] == 0
+
+
+def test_rule_sets_roundtrip_and_test_rows(tmp_path):
+    """kdsl_eval: what notebook 02 writes, notebook 03 reads back and scores identically."""
+    dev = _dev()
+    hold = dev.split(0.25, seed=3)[1]
+    res = ship(mcts_search(FakeProposer(), dev, _cfg(iterations=8, holdout_fraction=0.25),
+                           combine=COMBINE, seed=3), hold)
+    assert res.shipped and res.rules
+    kdsl_eval.save_rule_sets(tmp_path, {"mcts@fake": (res, "kdsl")})
+    back = kdsl_eval.load_rule_sets(tmp_path)["mcts@fake"]
+    assert back.rules == res.rules and back.found == res.found and back.strategy == res.strategy
+    assert kdsl_eval.holdout_check(back, hold)[0] > kdsl_eval.holdout_check(back, hold)[1]
+    test = _dev(4)
+    preds = Predictions(test.obs.ids, list(test.obs.tasks), test.proba,
+                        gold=[ALL_LABELS[i] for i in test.y])
+    rows, dec = kdsl_eval.test_rows({"mcts@fake": back}, {"kdsl": {"t": preds}}, {"t": test.obs},
+                                    {"intent": 0, "image": 0}, "fake", experiment="x", seed=0,
+                                    n_boot=50)
+    m = {(r["variant"], r["task"], r["metric"]): r["value"] for r in rows}
+    assert m[("kdsl", "pooled", "weighted_f1")] == pytest.approx(1.0)
+    assert m[("kdsl", "pooled", "gain_vs_model")] == pytest.approx(
+        m[("kdsl", "pooled", "weighted_f1")] - m[("model", "pooled", "weighted_f1")])
+    assert m[("rules[mcts@fake]", "pooled", "precision_covered")] == 1.0
+    assert m[("rules[mcts@fake]", "pooled", "model_precision_covered")] == 0.0
+    assert ("kdsl_ungated[mcts@fake]", "pooled", "weighted_f1") in m
+    assert len(dec) == len(test) and (dec.source == "rule").sum() == 4
