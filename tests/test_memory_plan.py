@@ -8,8 +8,9 @@ import torch
 import pytest
 
 from kdsl_utils.config import ModelCfg
+from kdsl_utils.models import memory_plan as mp
 from kdsl_utils.models.memory_plan import (
-    GiB, MODES, analytic_param_counts, build_model, mire_lengths, model_param_counts,
+    GiB, MODES, PAPER_MODEL, analytic_param_counts, build_model, mire_lengths, model_param_counts,
     nf4_bytes_per_value, plan, plan_table)
 from kdsl_utils.models.qwen_vl import prepare_for_finetune
 
@@ -85,3 +86,48 @@ def test_benchmark_writes_csv_and_readme_section(tmp_path, capsys):
     assert bench.main(["--models", "2b", "--out", str(out), "--readme", str(readme)]) == 0
     assert readme.read_text() == text  # regenerated in place, not appended twice
     assert "equal to the meta model" in capsys.readouterr().out
+
+
+PROBE = {  # Qwen2-VL's layer at a width a CPU runs in a second (7B's I/d ratio, GQA)
+    "text": {"vocab_size": 151936, "hidden_size": 256, "intermediate_size": 1344,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+             "max_window_layers": 2,
+             "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12],
+                                 "rope_theta": 1e6}},
+    "vision": {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2},
+    "vision_hidden": 256, "tie": False,
+}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_layer_activation_bytes_are_what_autograd_saves(mode, monkeypatch):
+    """The plan's per-token layer activations equal the tensors a bf16 decoder layer saves
+    for backward (counted once per storage, parameters excluded)."""
+    monkeypatch.setitem(mp.ARCHS, "probe", PROBE)
+    torch.manual_seed(0)
+    mcfg = PAPER_MODEL
+    model = build_model("probe", "cpu", dtype=torch.bfloat16)
+    if mode == "lora":
+        model = prepare_for_finetune(model, mcfg)
+    model.train()
+    mods = {type(m).__name__: m for m in model.modules()}
+    layer, text = mods["Qwen2VLDecoderLayer"], mods["Qwen2VLTextModel"]
+    T = 256
+    x = torch.randn(1, T, 256, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(T).view(1, 1, T).expand(3, 1, T)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params and t is not x:  # the layer input is the checkpoint, counted apart
+            saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.no_grad():
+        emb = text.rotary_emb(x, pos)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, attention_mask=None, position_ids=pos, position_embeddings=emb)
+    got = sum(saved.values()) / T
+    want = mp._layer_bytes_per_token("probe", mode == "lora", mcfg)
+    assert got == pytest.approx(want, rel=0.02), (got, want)

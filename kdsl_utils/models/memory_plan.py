@@ -27,11 +27,16 @@ The plan, per model × mode (``lora`` / ``qlora`` / ``full``, as
   inputs (T·d bf16 each), one decoder layer recomputed in the backward pass (its saved
   tensors, counted per token below, twice: the recomputed activations and their gradients),
   and the loss head: bf16 logits, their float32 upcast and log-softmax (T·V·(2 + 4 + 4) B).
-  Per token and layer the recomputed tensors are: two RMSNorms with float32 intermediates
-  (2 × 10·d B), q/o/RoPE/attention outputs (≈ 12·d B with k, v: 6·d_kv B), the MLP's gate,
-  up, activation and product (4 × 2·I B), and for LoRA each adapted projection's dropout
-  output and mask (3 B per input feature). Attention is assumed to run in a fused kernel
-  (flash / memory-efficient SDPA: no T × T matrix);
+  The tensors one decoder layer saves for its backward pass, per token, as counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` on a bf16 Qwen2-VL layer (the test
+  re-counts them): the two RMSNorms' float32 inputs (2 × 4·d B), q/k/v after RoPE and the
+  attention output (bf16), the attention's log-sum-exp (4 B per head), and the MLP's gate,
+  up and activation outputs (bf16). Full fine-tuning also keeps every projection's input
+  (its weight gradient needs it): ``20·d + 8·d_kv + 8·I + 4·heads`` B. With LoRA the frozen
+  base keeps no inputs, but each adapted projection keeps its input cast to the adapters'
+  float32 and the dropout's output (2 × 4 B per input feature) and A's output (4·r B):
+  ``12·d + 8·d_kv + 6·I + 4·heads + Σ(8·in + 4·r)`` B. Attention is assumed to run in a
+  fused kernel (flash / memory-efficient SDPA: no T × T matrix);
 * **peak (train)** — weights + trainable state + activations at the longest record;
 * **scoring** — label scoring (:func:`kdsl_utils.models.scoring.score_candidates`): weights,
   the prompt's KV cache (2·L·T·d_kv bf16) and its copy repeated for the K candidates
@@ -224,17 +229,17 @@ def nf4_bytes_per_value(blocksize: int = 64, double_quant_block: int = 256) -> f
 
 
 def _layer_bytes_per_token(name: str, lora: bool, mcfg: ModelCfg) -> float:
-    """Saved tensors of one decoder layer's forward, per token (bf16 unless said): see the
-    module docstring."""
+    """Bytes one decoder layer saves for backward per token (see the module docstring)."""
     t = ARCHS[name]["text"]
-    d, inter = t["hidden_size"], t["intermediate_size"]
-    kv = d // t["num_attention_heads"] * t["num_key_value_heads"]
-    b = 2 * 10 * d + 12 * d + 6 * kv + 4 * 2 * inter
-    if lora:  # dropout output (bf16) + mask (1 B) of each adapted projection's input
-        ins = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": d,
-               "gate_proj": d, "up_proj": d, "down_proj": inter}
-        b += sum(3 * ins[n] for n in mcfg.lora_targets if n in ins)
-    return b
+    d, inter, h = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"]
+    kv = d // h * t["num_key_value_heads"]
+    small = 4 * h + 8  # log-sum-exp per head, the two norms' rsqrt
+    if not lora:
+        return 20 * d + 8 * kv + 8 * inter + small
+    ins = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": d,
+           "gate_proj": d, "up_proj": d, "down_proj": inter}
+    adapters = sum(8 * ins[n] + 4 * mcfg.lora_r for n in mcfg.lora_targets if n in ins)
+    return 12 * d + 8 * kv + 6 * inter + small + adapters
 
 
 def plan(name: str, mode: str, tokens: int, mcfg: ModelCfg = PAPER_MODEL, *,
