@@ -68,13 +68,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from kdsl_utils.config import resolve
 from kdsl_utils.data.labels import LABELS
 from kdsl_utils.data.mire import load_split
-from kdsl_utils.data.tokens import qwen2_tokenizer
+from kdsl_utils.data.tokens import image_size, qwen2_tokenizer, smart_resize
 from kdsl_utils.models import memory_plan as mp
 from kdsl_utils.models import sft
 from kdsl_utils.models.qwen_vl import load_model, prepare_for_finetune
@@ -149,8 +147,7 @@ def data_shapes(data_dir: str, mcfg) -> tuple[Shape, Shape]:
     for r in recs:
         grids = []
         for p in r.images:
-            with Image.open(p) as im:
-                w, h = im.size
+            w, h = image_size(p)
             rh, rw = smart_resize(h, w, 28, mcfg.min_pixels, mcfg.max_pixels)
             grids.append((1, rh // 14, rw // 14))
         pieces = sft.format_prompt(r.instruction).split(sft.VISION_PLACEHOLDER)
