@@ -162,11 +162,13 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_readme_section(readme: Path | str, body: str) -> bool:
-    """Replace the text between the results markers of ``readme``; True if it changed."""
+def write_readme_section(readme: Path | str, body: str,
+                         markers: tuple[str, str] = _MARK) -> bool:
+    """Replace the text between the results markers (or ``markers``) of ``readme``; True if
+    it changed."""
     path = Path(readme)
     text = path.read_text(encoding="utf-8")
-    start, end = _MARK
+    start, end = markers
     if start not in text or end not in text:
         raise ValueError(f"{path}: results markers {start} / {end} not found")
     new = re.sub(re.escape(start) + r".*?" + re.escape(end),
