@@ -485,3 +485,43 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
                      "n_copies": len(copies)})
     return ReprRun(pd.DataFrame(metrics), pd.concat(preds, ignore_index=True),
                    pd.concat(proj, ignore_index=True), pd.DataFrame(fits), reps)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def knn_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """kNN weighted F1 per variant (rows) and split · task (columns), with the chosen k."""
+    m = metrics[(metrics.metric == "weighted_f1") & metrics.variant.str.startswith("knn_")
+                & (metrics.split != "dev")]
+    t = m.pivot_table(index="variant", columns=["split", "task"], values="value", aggfunc="mean")
+    t.columns = [f"{s} · {k}" for s, k in t.columns]
+    k = metrics[metrics.metric == "k_chosen"].groupby("variant")["value"].mean().astype(int)
+    t.insert(0, "k (dev)", k)
+    t.index = [f"kNN · {VARIANT_NAMES[v[len('knn_'):]]}" for v in t.index]
+    return t
+
+
+def recall_table(metrics: pd.DataFrame, task: str = POOLED) -> pd.DataFrame:
+    """Recall@k per variant (rows) and split · k (columns) for one task."""
+    m = metrics[metrics.metric.str.startswith("recall@") & (metrics.task == task)]
+    t = m.pivot_table(index="variant", columns=["split", "metric"], values="value", aggfunc="mean")
+    t = t[sorted(t.columns, key=lambda c: (c[0], int(c[1].split("@")[1])))]
+    t.columns = [f"{s} · {k}" for s, k in t.columns]
+    t.index = [VARIANT_NAMES[v] for v in t.index]
+    return t
+
+
+def versus_joint(metrics: pd.DataFrame, seesaw_metrics: pd.DataFrame) -> pd.DataFrame:
+    """kNN weighted F1 of every variant beside notebook 01's joint fine-tune (mean over its
+    seeds), per split and task, and the difference."""
+    j = seesaw_metrics[(seesaw_metrics.variant == "joint") & (seesaw_metrics.metric == "weighted_f1")]
+    joint = j.groupby(["split", "task"])["value"].agg(["mean", "count"])
+    k = metrics[(metrics.metric == "weighted_f1") & metrics.variant.str.startswith("knn_")]
+    rows = []
+    for (v, split, task), val in k.groupby(["variant", "split", "task"])["value"].mean().items():
+        if (split, task) in joint.index:
+            jm, jn = joint.loc[(split, task)]
+            rows.append({"variant": v, "split": split, "task": task, "knn_f1": val,
+                         "joint_f1": jm, "joint_seeds": int(jn), "knn − joint": val - jm})
+    return pd.DataFrame(rows)
