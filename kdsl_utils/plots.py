@@ -172,6 +172,7 @@ def recall_curves(metrics: pd.DataFrame, split: str, title: str = "") -> plt.Fig
         sns.lineplot(data=m[m.task == task], x="k", y="value", hue="variant", marker="o",
                      errorbar="sd", ax=ax, legend=task == tasks[-1])
         ax.set_xscale("log")
+        ax.minorticks_off()  # only the measured k are labelled
         ax.set_xticks(sorted(m.k.unique()), [str(k) for k in sorted(m.k.unique())])
         ax.set_title(f"{split} · {task}")
         ax.set_ylabel("recall@k (same label in top k)")
