@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .threads import torch_threads
+
 CACHE_ENV = "KDSL_FEATURE_CACHE"
 
 
@@ -64,30 +66,6 @@ def file_hash(path: str | Path) -> str:
 
 def _digest(obj: Any) -> str:
     return sha256_text(json.dumps(obj, sort_keys=True, ensure_ascii=False))[:10]
-
-
-class torch_threads:
-    """Run a block with ``n`` torch intra-op threads (restored afterwards).
-
-    The models here are small: on a busy 2-core machine one thread is several times faster
-    per item than two (no spin-waiting), and results (hence cache entries) do not depend on
-    the machine's core count. Parallelism comes from processes instead (OCR workers).
-    """
-
-    def __init__(self, n: int = 1):
-        self.n = n
-
-    def __enter__(self):
-        import torch
-
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.old)
 
 
 # --------------------------------------------------------------------------------- cache
