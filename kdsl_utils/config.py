@@ -130,6 +130,29 @@ class RulesCfg:
 
 
 @dataclass(frozen=True)
+class ReprCfg:
+    """NoteLLM-2-style record representations (notebook 04, :mod:`kdsl_utils.representations`).
+
+    ``encoder="features"`` is the CPU recipe (e5 text side, EfficientNet + layout visual
+    side, trained gate and projections) in every profile: the Qwen2-VL mICL encoder of the
+    paper profile is not built yet, so ``paper`` runs this recipe too and says so."""
+
+    encoder: str = "features"  # only "features" exists (see above)
+    intent_images: bool = True  # OCR + embed the images inside dialogues (their image "word")
+    dim: int = 128  # common size of the projected text-side and visual-side embeddings
+    epochs: int = 40
+    batch_size: int = 64  # anchors per batch; each brings one related record (2x records)
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.1
+    temperature: float = 0.07  # initial value of the learnable contrastive temperature
+    visual_loss_weight: float = 0.5  # mICL: weight of the visual-side loss (multimodal: 1)
+    dialogue_copies: int = 1  # turn-dropout copies per intent record (related pairs)
+    k_grid: tuple[int, ...] = (1, 3, 5, 10, 20)  # kNN k, chosen on the dev fold
+    recall_ks: tuple[int, ...] = (1, 3, 5, 10, 20)  # recall@k of same-label retrieval
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     backend: str  # "qwen_vl" | "mini"
@@ -141,6 +164,7 @@ class Profile:
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     mini: MiniCfg = field(default_factory=MiniCfg)
     rules: RulesCfg = field(default_factory=RulesCfg)
+    repr: ReprCfg = field(default_factory=ReprCfg)  # notebook 04
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,6 +201,7 @@ def _base(name: str) -> Profile:
                            max_steps=8, gradient_checkpointing=False, eval_batch_size=4),
             rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2,
                            init_rules="synthetic_intent.json"),
+            repr=ReprCfg(epochs=3, dim=32, k_grid=(1, 3), recall_ks=(1, 3)),
         )
     raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
 
