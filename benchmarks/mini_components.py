@@ -189,7 +189,7 @@ def md(header: list[str], rows) -> str:
 def main(argv=None) -> int:
     from kdsl_utils.config import resolve
     from kdsl_utils.data.mire import load_mire
-    from kdsl_utils.features import FeatureCache, default_cache_dir
+    from kdsl_utils.features import EXTRACTION_LOG, FeatureCache, default_cache_dir
     from kdsl_utils.models.mini import Featurizer, extract_inputs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -217,10 +217,13 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     cache = FeatureCache(cache_dir)
+    EXTRACTION_LOG.clear()
     raw_tr = extract_inputs(data.train, cfg.mini, cache)
     raw_te = extract_inputs(data.tests["test1"], cfg.mini, cache)
+    counts = ", ".join(f"{k} {v['cached']} cached / {v['computed']} computed"
+                       for k, v in EXTRACTION_LOG.items())
     print(f"default features for {len(data.train) + len(data.tests['test1'])} records: "
-          f"{time.perf_counter() - t0:.1f} s (cache hits {cache.hits}, misses {cache.misses})\n")
+          f"{time.perf_counter() - t0:.1f} s ({counts})\n")
 
     if not a.skip_blocks:
         from kdsl_utils.features import embed_texts

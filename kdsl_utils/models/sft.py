@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..data.images import load_rgb
 from ..data.prompts import DIALOGUE_END, DIALOGUE_START
 from ..data.records import AGENT, IMAGE_TOKEN, USER, Record
 
@@ -104,8 +105,7 @@ def chat_messages(
 
 
 def load_image(path: Path | str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return load_rgb(path)  # the one decoder: upright, 8-bit RGB, alpha on white
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
