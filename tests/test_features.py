@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
+import os
 import random
 
 import numpy as np
@@ -20,7 +21,8 @@ from PIL import Image
 from kdsl_utils.data import synth
 from kdsl_utils.data.images import describe_normalisation, load_rgb, upright_size
 from kdsl_utils.features import (EXTRACTION_LOG, E5Embedder, EfficientNetEmbedder, FeatureCache,
-                                 RapidOcr, embed_images, embed_texts, ocr_images, ocr_text)
+                                 RapidOcr, embed_images, embed_texts, file_hash, ocr_images,
+                                 ocr_text)
 
 
 def _png(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -231,3 +233,15 @@ def test_cache_read_statuses(tmp_path):
     assert cache.read("ns", "ab" * 32, "json") == ({"x": 1}, "hit")
     assert cache.read("ns", "ab" * 32, "json", lambda v: "y" in v) == (None, "corrupt")
     assert not list((tmp_path / "ns").rglob(".tmp-*"))  # no temp files left behind
+
+
+def test_file_hash_follows_content_changes(tmp_path):
+    p = tmp_path / "a.bin"
+    p.write_bytes(b"one")
+    assert file_hash(p) == hashlib.sha256(b"one").hexdigest()
+    p.write_bytes(b"two!")
+    assert file_hash(p) == hashlib.sha256(b"two!").hexdigest()  # new size
+    st = p.stat()
+    p.write_bytes(b"six!")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # same size, new mtime
+    assert file_hash(p) == hashlib.sha256(b"six!").hexdigest()
