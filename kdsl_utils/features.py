@@ -23,6 +23,7 @@ processes (spawned, one ONNX thread each) behind a tqdm progress bar.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -444,12 +446,42 @@ def _ocr_worker(item: tuple[str, str]) -> tuple[str, dict, dict[str, float]]:
     return key, res, _WORKER_OCR.last_stages
 
 
+_POOL: dict[tuple[int, OcrParams], ProcessPoolExecutor] = {}
+
+
+def _ocr_pool(workers: int, params: OcrParams) -> ProcessPoolExecutor:
+    """The process's OCR worker pool, started on first use and kept: a notebook calls
+    :func:`ocr_images` several times (train, each test split, each observables set) and a
+    fresh pool costs a few seconds each time (spawn, imports, two ONNX sessions per worker)."""
+    import multiprocessing as mp
+
+    key = (workers, params)
+    if key not in _POOL:
+        shutdown_ocr_pool()
+        if not _POOL_EXIT_HOOK:
+            atexit.register(shutdown_ocr_pool)
+            _POOL_EXIT_HOOK.append(True)
+        _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_ocr_worker_init, initargs=(params,))
+    return _POOL[key]
+
+
+_POOL_EXIT_HOOK: list[bool] = []
+
+
+def shutdown_ocr_pool() -> None:
+    """Stop the OCR worker processes (also run at interpreter exit)."""
+    while _POOL:
+        _POOL.popitem()[1].shutdown(wait=True, cancel_futures=True)
+
+
 def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int = 1,
                extractor: RapidOcr | None = None, progress: bool = True) -> dict[Path, dict]:
     """OCR result of every image in ``paths`` (cached; misses run in ``workers`` processes).
 
     With ``workers <= 1`` (or fewer than ``4 * workers`` misses) the extractor runs in this
-    process. Worker processes are *spawned*: a script calling this with ``workers > 1``
+    process; otherwise in the process's OCR pool (kept between calls, see
+    :func:`shutdown_ocr_pool`). Worker processes are *spawned*: a script calling this with ``workers > 1``
     needs the usual ``if __name__ == "__main__":`` guard (notebooks need nothing).
     """
     ocr = extractor or RapidOcr()
@@ -476,11 +508,7 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
             results = ((k, ocr(p), ocr.last_stages) for k, p in items)
             desc = "OCR"
         else:
-            import multiprocessing as mp
-
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                       initializer=_ocr_worker_init, initargs=(ocr.cfg,))
-            results = pool.map(_ocr_worker, items, chunksize=1)
+            results = _ocr_pool(workers, ocr.cfg).map(_ocr_worker, items, chunksize=1)
             desc = f"OCR ({workers} proc)"
         try:
             for k, res, st in _progress(results, len(items), desc, progress):
@@ -488,9 +516,9 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
                 done[k] = res
                 stages["det_s"] += st["det"]
                 stages["rec_s"] += st["rec"]
-        finally:
-            if workers > 1 and len(items) >= 4 * workers:
-                pool.shutdown()
+        except BrokenProcessPool:
+            shutdown_ocr_pool()  # a worker died (e.g. out of memory): the next call starts afresh
+            raise
         for p in uniq:
             if p not in out:
                 out[p] = done[keys[p]]

@@ -245,3 +245,24 @@ def test_file_hash_follows_content_changes(tmp_path):
     p.write_bytes(b"six!")
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # same size, new mtime
     assert file_hash(p) == hashlib.sha256(b"six!").hexdigest()
+
+
+def test_ocr_pool_is_reused_and_matches_in_process(tmp_path, original):
+    """Two calls with misses share one pool (started once); results equal in-process OCR."""
+    from kdsl_utils import features
+
+    paths = []
+    for i in range(8):  # 4 * workers misses: the pool path
+        p = tmp_path / f"strip{i}.png"
+        original.crop((0, 40 * i, original.width, 40 * i + 40)).save(p)
+        paths.append(p)
+    features.shutdown_ocr_pool()
+    try:
+        pooled = ocr_images(paths, FeatureCache(tmp_path / "a"), workers=2, progress=False)
+        pool = next(iter(features._POOL.values()))
+        ocr_images(paths, FeatureCache(tmp_path / "b"), workers=2, progress=False)
+        assert next(iter(features._POOL.values())) is pool and len(features._POOL) == 1
+    finally:
+        features.shutdown_ocr_pool()
+    assert not features._POOL
+    assert pooled == ocr_images(paths, FeatureCache(tmp_path / "c"), workers=1, progress=False)
