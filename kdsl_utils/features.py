@@ -276,7 +276,8 @@ class RapidOcr(Extractor):
         img = load_rgb(src)
         w, h = img.size
         out = self._load()(bgr_array(img))
-        det, _cls, rec = (float(x or 0.0) for x in out.elapse_list)
+        # an image without text gives an output with no timings at all
+        det, _cls, rec = (float(x or 0.0) for x in [*(out.elapse_list or ()), 0, 0, 0][:3])
         lines = []
         if out.txts:
             for box, txt, score in zip(out.boxes, out.txts, out.scores):

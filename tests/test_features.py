@@ -127,6 +127,14 @@ def test_exif_rotation_is_applied_for_ocr_frame(original, tmp_path):
     assert upright_size(_variants(original)["RGB"][0]) == original.size
 
 
+def test_image_without_text_gives_no_lines(tmp_path):
+    p = tmp_path / "blank.png"
+    Image.new("RGB", (120, 80), (255, 255, 255)).save(p)
+    ocr = RapidOcr()
+    assert ocr(p) == {"w": 120, "h": 80, "lines": []}
+    assert set(ocr.last_stages) == {"det", "rec"}
+
+
 # ------------------------------------------------------------------- cache that heals
 
 
