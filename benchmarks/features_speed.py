@@ -59,19 +59,20 @@ def sample_images(data, n: int, seed: int = 0) -> list[Path]:
 
 
 OCR_VARIANTS = {
-    "default (det max 960, rec batch 6)": OcrParams(mem_arena=False),
-    "det max 736": OcrParams(limit_side_len=736, mem_arena=False),
-    "det max 640": OcrParams(limit_side_len=640, mem_arena=False),
-    "rec batch 1": OcrParams(rec_batch=1, mem_arena=False),
-    "rec batch 16": OcrParams(rec_batch=16, mem_arena=False),
-    "rec batch 32": OcrParams(rec_batch=32, mem_arena=False),
-    "2 ONNX threads": OcrParams(threads=2, mem_arena=False),
-    "memory arena on": OcrParams(mem_arena=True),  # the default since these measurements
-    "memory arena + rec batch 1": OcrParams(mem_arena=True, rec_batch=1),
-    "memory arena + rec batch 3": OcrParams(mem_arena=True, rec_batch=3),
+    "RapidOCR defaults (det max 960, rec batch 6, min width 320)": OcrParams(
+        mem_arena=False, rec_batch=6, rec_min_width=320),
+    "det max 736": OcrParams(limit_side_len=736, mem_arena=False, rec_batch=6, rec_min_width=320),
+    "det max 640": OcrParams(limit_side_len=640, mem_arena=False, rec_batch=6, rec_min_width=320),
+    "rec batch 1": OcrParams(rec_batch=1, mem_arena=False, rec_min_width=320),
+    "rec batch 16": OcrParams(rec_batch=16, mem_arena=False, rec_min_width=320),
+    "rec batch 32": OcrParams(rec_batch=32, mem_arena=False, rec_min_width=320),
+    "2 ONNX threads": OcrParams(threads=2, mem_arena=False, rec_batch=6, rec_min_width=320),
+    "memory arena on": OcrParams(mem_arena=True, rec_batch=6, rec_min_width=320),
+    "memory arena + rec batch 1": OcrParams(mem_arena=True, rec_batch=1, rec_min_width=320),
+    "memory arena + rec batch 3": OcrParams(mem_arena=True, rec_batch=3, rec_min_width=320),
     "arena + batch 1 + rec min width 160": OcrParams(mem_arena=True, rec_batch=1, rec_min_width=160),
-    "arena + batch 1 + rec min width 96": OcrParams(mem_arena=True, rec_batch=1, rec_min_width=96),
-    "arena + batch 6 + rec min width 96": OcrParams(mem_arena=True, rec_min_width=96),
+    "arena + batch 1 + rec min width 96": OcrParams(),  # the default since these measurements
+    "arena + batch 6 + rec min width 96": OcrParams(mem_arena=True, rec_batch=6),
 }
 
 

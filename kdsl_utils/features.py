@@ -206,19 +206,23 @@ class OcrParams:
     1600x736 and costs 2.5x the detection time for the same text).
 
     Measured on real screenshots (``benchmarks/features_speed.py``, tables in
-    ``benchmarks/README.md``): the memory arena cuts OCR time by ~15-25% with identical text
-    (32 of 32 images), so it is on. Recognition is ~80% of the time; one line per call and a
-    96-px minimum crop width cut it by ~40%, but change the text of 88% of the images (mean
-    similarity 0.976) and moved the seed-0 mini results (joint pooled wF1 0.739 -> 0.689), so
-    they stay at RapidOCR's defaults. A smaller detection size changes the text more (0.92).
+    ``benchmarks/README.md``; 2 cores under load, variants interleaved). Recognition is ~80%
+    of the time, and RapidOCR pads every batch of 48-px-high line crops to >= 320 px and to
+    its widest line, while most screenshot lines are short: one line per call, a 96-px
+    minimum width and onnxruntime's memory arena cut OCR time by ~35-40% (recognition -40%).
+    The text changes slightly (mean similarity 0.976 with the old settings on the 594 image
+    records' screenshots, same line count +-0.01%); the mini results moved within their seed
+    spread (seeds 0-2, test1: image-only 0.770 -> 0.789, joint pooled 0.720 -> 0.710, joint
+    image 0.791 -> 0.788). The arena alone gives identical text (32/32 images). A smaller
+    detection size changes the text more (similarity 0.92) for less, so it stays at 960.
     """
 
     limit_type: str = "max"
     limit_side_len: int = 960
     use_cls: bool = False  # screenshots are upright; the angle classifier only costs time
     text_score: float = 0.5
-    rec_batch: int = 6  # text lines per recognition call (RapidOCR's default)
-    rec_min_width: int = 320  # px: a batch of 48-px-high line crops is padded to >= this width
+    rec_batch: int = 1  # text lines per recognition call (RapidOCR: 6; a batch pads to its widest)
+    rec_min_width: int = 96  # px: a batch of 48-px-high line crops is padded to >= this (RapidOCR: 320)
     threads: int = 1  # ONNX intra-op threads per worker process
     mem_arena: bool = True  # onnxruntime's CPU memory arena (RapidOCR turns it off)
 
