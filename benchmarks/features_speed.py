@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdsl_utils.features import OcrParams, RapidOcr, ocr_text
+from kdsl_utils.features import CACHE_ENV, OcrParams, RapidOcr, ocr_text
 from readme_sections import write_section
 
 def md(header: list[str], rows) -> str:
@@ -144,6 +144,7 @@ def stage_times(data, n: int, cache_dir: Path) -> list[tuple]:
     cfg = resolve("mini")
     train, test = _subset(data, n)
     runs = []
+    os.environ[CACHE_ENV] = str(cache_dir)  # knowledge.* opens the default cache: this one
     for _ in ("cold", "warm"):
         t: dict[str, float] = {}
         EXTRACTION_LOG.clear()
