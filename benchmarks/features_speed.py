@@ -15,7 +15,9 @@ project's cache. Sections (each prints a markdown table; ``--readme`` also write
    default settings (share of images whose OCR text is identical, mean character-level
    similarity ratio);
 2. ``--pool N``: process layout of :func:`~kdsl_utils.features.ocr_images` (2 workers x 1
-   ONNX thread, 1 x 2, 1 x 1) on N images, alternating, pool start-up included;
+   ONNX thread, 1 x 2, 1 x 1) on N images, alternating, each run on a fresh cache: a
+   layout's first run includes starting its pool / engine, later runs reuse the ones the
+   process keeps (as a notebook's later calls do);
 3. ``--stages N``: the pipeline's stages on N records of train + test1 (all if 0), cold then
    warm: OCR detection / recognition, image and text embeddings, the mini fits of the three
    task mixes, and the rule search of notebook 02.
@@ -260,9 +262,10 @@ def main(argv=None) -> int:
             write_section(f"features_speed:levers{a.sample_seed}", text)
     if a.pool:
         paths = sample_images(data, a.pool, seed=1)
-        table = md(["layout", "wall s/img (mean)", "per repetition"], pool_layouts(paths))
+        table = md(["layout", "wall s/img (mean)", "per run: 1st (start-up) / 2nd (kept pool)"],
+                   pool_layouts(paths))
         text = (f"### OCR process layout (`--pool {a.pool}`: {len(paths)} real images, fresh "
-                f"cache per run, pool start-up included)\n\n{where}.\n\n{table}")
+                f"cache per run; the first run of a layout starts its pool / engine)\n\n{where}.\n\n{table}")
         print(text, "\n")
         if a.readme:
             write_section("features_speed:pool", text)
