@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 README = Path(__file__).resolve().parent / "README.md"
-HEADER = ("# Benchmarks\n\nGenerated: every section below is written by the script it names "
+HEADER = ("# Benchmarks\n\nSections between markers are written by the script they name "
           "(`--readme`), between its markers; do not edit inside the markers.\n")
 
 

@@ -29,7 +29,6 @@ tqdm progress bar. The settings and their measured costs: ``benchmarks/README.md
 from __future__ import annotations
 
 import atexit
-import hashlib
 import io
 import json
 import os
@@ -47,6 +46,8 @@ from typing import Any
 import numpy as np
 
 from .data.images import DECODER_VERSION, bgr_array, load_rgb
+from .hashing import json_digest, sha256_file, sha256_text
+from .threads import torch_threads
 
 CACHE_ENV = "KDSL_FEATURE_CACHE"
 
@@ -61,14 +62,6 @@ def default_cache_dir() -> Path:
     return base / ".cache" / "features"
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 #: (resolved path, size, mtime_ns) -> SHA-256 of the file: a warm notebook 01 looks up the
 #: same ~600 images ~12 times each (every fit reads its features through the cache), and
 #: re-hashing them cost ~1 ms each; a file that changes gets a new size or mtime.
@@ -76,41 +69,15 @@ _HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def file_hash(path: str | Path) -> str:
-    """SHA-256 of the file's bytes (memoised per process by path, size and mtime)."""
+    """:func:`~kdsl_utils.hashing.sha256_file`, memoised per process by path, size, mtime."""
     p = Path(path)
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        _HASHES[key] = sha256_bytes(p.read_bytes())
+        _HASHES[key] = sha256_file(p)
     return _HASHES[key]
 
 
-def _digest(obj: Any) -> str:
-    return sha256_text(json.dumps(obj, sort_keys=True, ensure_ascii=False))[:10]
-
-
-class torch_threads:
-    """Run a block with ``n`` torch intra-op threads (restored afterwards).
-
-    The models here are small: on a busy 2-core machine one thread is several times faster
-    per item than two (no spin-waiting), and results (hence cache entries) do not depend on
-    the machine's core count. Parallelism comes from processes instead (OCR workers).
-    """
-
-    def __init__(self, n: int = 1):
-        self.n = n
-
-    def __enter__(self):
-        import torch
-
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.old)
 
 
 # --------------------------------------------------------------------------------- cache
@@ -196,7 +163,7 @@ class Extractor:
 
     @cached_property
     def namespace(self) -> str:
-        return f"{self.name}-{self.version}-{_digest(self.params)}"
+        return f"{self.name}-{self.version}-{json_digest(self.params, 10)}"
 
 
 @dataclass(frozen=True)
@@ -507,7 +474,7 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
     ocr = extractor or RapidOcr()
     ns = ocr.namespace
     uniq = _unique(paths)
-    keys = {p: file_hash(p) for p in uniq}
+    keys = {p: sha256_file(p) for p in uniq}
     out: dict[Path, dict] = {}
     todo: dict[str, str] = {}  # hash -> one path with that content
     corrupt: set[str] = set()
@@ -588,7 +555,7 @@ def embed_images(paths: Sequence[str | Path], cache: FeatureCache, *,
     """(len(paths), 1280) image embeddings, cached by image content."""
     emb = extractor or EfficientNetEmbedder()
     paths = [Path(p) for p in paths]
-    keys = [file_hash(p) for p in paths]
+    keys = [sha256_file(p) for p in paths]
     return _cached_batches(keys, cache, emb.namespace,
                            lambda idx: emb.batch([paths[i] for i in idx]),
                            emb.dim, emb.check, batch_size, "image embeddings", progress)
