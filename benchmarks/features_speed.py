@@ -32,7 +32,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +129,10 @@ def _subset(data, n: int, seed: int = 0) -> tuple[list, list]:
     rng = np.random.default_rng(seed)
     tr, te = data.train, data.tests["test1"]
     k = max(2, round(n * len(te) / (len(tr) + len(te))))
-    pick = lambda recs, m: [recs[i] for i in sorted(rng.choice(len(recs), min(m, len(recs)), replace=False))]
+
+    def pick(recs, m):
+        return [recs[i] for i in sorted(rng.choice(len(recs), min(m, len(recs)), replace=False))]
+
     return pick(tr, n - k), pick(te, k)
 
 
