@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.images import load_rgb
 from ..data.prompts import DIALOGUE_END, DIALOGUE_START
 from ..data.hf import quiet_progress, to_hf_dataset
 from ..data.records import AGENT, IMAGE_TOKEN, USER, Record
@@ -113,8 +114,7 @@ def chat_messages(
 
 
 def load_image(path: Path | str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return load_rgb(path)  # the one decoder: upright, 8-bit RGB, alpha on white
 
 
 # --------------------------------------------------------------------------- planning
