@@ -19,6 +19,7 @@ tokens, generated tokens and seconds.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -164,3 +165,137 @@ def ensure_weights(name: str = "qwen2.5-coder-1.5b", root: Path | None = None, *
     marker.write_text(json.dumps({"sha256": w.sha256, "size": st.st_size,
                                   "mtime_ns": st.st_mtime_ns}))
     return path
+
+
+# ------------------------------------------------------------------------------ runtimes
+
+#: llama.cpp bindings this module can drive, in order of preference. ``xllamacpp`` is a
+#: prebuilt CPU wheel (34 MB, no compiler); ``llama_cpp`` (llama-cpp-python) builds from source.
+RUNTIMES = ("xllamacpp", "llama_cpp")
+
+
+def runtime_available(runtime: str = "xllamacpp") -> bool:
+    """Whether the binding ``runtime`` is importable (without importing it)."""
+    return importlib.util.find_spec(runtime) is not None
+
+
+def installed(name: str = "qwen2.5-coder-1.5b", runtime: str = "xllamacpp") -> str | None:
+    """None where the small LM can run here, else a sentence saying what is missing and how
+    to install it (used by tests to skip cleanly)."""
+    if not runtime_available(runtime):
+        return f"the llama.cpp binding {runtime!r} is not installed: run `make small-lm`"
+    if not weights_path(name).exists():
+        return f"the weights {weights_path(name)} are not assembled: run `make small-lm`"
+    return None
+
+
+@dataclass
+class Usage:
+    """Cost of one generation: tokens read, tokens written, wall seconds."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    finish_reason: str = ""
+
+
+@dataclass
+class LlamaGenerator:
+    """``generate(prompt, json_schema=None) -> str`` with a GGUF model on CPU via llama.cpp.
+
+    One user turn in the model's chat template, greedy (``temperature`` 0) with a
+    ``repeat_penalty`` against the loops the 1.5B falls into; ``json_schema`` (llama.cpp
+    turns it into a grammar) forces an answer that parses. ``threads``: llama.cpp threads
+    (1 by default: with 2 threads on 2 oversubscribed cores the server's spinning thread pool
+    was measured to stall). Every call appends a ``Usage`` to ``usage``.
+    """
+
+    weights: str = "qwen2.5-coder-1.5b"
+    runtime: str = "xllamacpp"
+    threads: int = 1
+    n_ctx: int = 4096
+    max_tokens: int = 384
+    temperature: float = 0.0
+    repeat_penalty: float = 1.15
+    seed: int = 0
+    root: Path | None = None
+    usage: list[Usage] = field(default_factory=list)
+    supports_json_schema = True
+
+    def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime {self.runtime!r} is not one of {RUNTIMES}")
+        self.path = ensure_weights(self.weights, self.root, download=False)
+        self._engine: Any = None
+        self.load_s = 0.0
+
+    @property
+    def identity(self) -> str:
+        """What decides an answer besides the prompt (for answer caches)."""
+        return json.dumps({"weights": WEIGHTS[self.weights].sha256[:16], "runtime": self.runtime,
+                           "max_tokens": self.max_tokens, "temperature": self.temperature,
+                           "repeat_penalty": self.repeat_penalty, "seed": self.seed},
+                          sort_keys=True)
+
+    def _load(self) -> Any:
+        if self._engine is not None:
+            return self._engine
+        t0 = time.perf_counter()
+        if self.runtime == "xllamacpp":
+            import xllamacpp  # optional extra `small-lm`
+
+            p = xllamacpp.CommonParams()
+            p.model.path = str(self.path)
+            p.n_ctx = self.n_ctx
+            p.n_parallel = 1
+            p.cpuparams.n_threads = self.threads
+            p.cpuparams_batch.n_threads = self.threads
+            p.verbosity = -1
+            self._engine = xllamacpp.Server(p)
+        else:
+            import llama_cpp  # optional: llama-cpp-python built from source
+
+            self._engine = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.n_ctx,
+                                           n_threads=self.threads, seed=self.seed,
+                                           verbose=False)
+        self.load_s = time.perf_counter() - t0
+        return self._engine
+
+    def __call__(self, prompt: str, json_schema: Mapping[str, Any] | None = None) -> str:
+        eng = self._load()
+        req: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}],
+                               "max_tokens": self.max_tokens, "temperature": self.temperature,
+                               "repeat_penalty": self.repeat_penalty, "seed": self.seed}
+        t0 = time.perf_counter()
+        if self.runtime == "xllamacpp":
+            if json_schema is not None:
+                req["response_format"] = {"type": "json_schema",
+                                          "json_schema": {"name": "rules",
+                                                          "schema": dict(json_schema)}}
+            out = eng.handle_chat_completions(req)
+            if "error" in out:
+                raise RuntimeError(f"llama.cpp server error: {out['error']}")
+        else:
+            if json_schema is not None:
+                req["response_format"] = {"type": "json_object", "schema": dict(json_schema)}
+            out = eng.create_chat_completion(**req)
+        dt = time.perf_counter() - t0
+        ch = out["choices"][0]
+        u = out.get("usage", {})
+        self.usage.append(Usage(int(u.get("prompt_tokens", 0)),
+                                int(u.get("completion_tokens", 0)), dt,
+                                str(ch.get("finish_reason", ""))))
+        return ch["message"]["content"] or ""
+
+    @property
+    def last_usage(self) -> Usage | None:
+        return self.usage[-1] if self.usage else None
+
+    def totals(self) -> dict[str, Any]:
+        """Calls, prompt/generated tokens and seconds so far, and the tokens/s they imply."""
+        pt = sum(u.prompt_tokens for u in self.usage)
+        ct = sum(u.completion_tokens for u in self.usage)
+        s = sum(u.seconds for u in self.usage)
+        return {"calls": len(self.usage), "prompt_tokens": pt, "generated_tokens": ct,
+                "seconds": round(s, 2), "load_s": round(self.load_s, 2),
+                "truncated": sum(u.finish_reason == "length" for u in self.usage)}
