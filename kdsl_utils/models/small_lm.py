@@ -18,6 +18,7 @@ tokens, generated tokens and seconds.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -299,3 +300,21 @@ class LlamaGenerator:
         return {"calls": len(self.usage), "prompt_tokens": pt, "generated_tokens": ct,
                 "seconds": round(s, 2), "load_s": round(self.load_s, 2),
                 "truncated": sum(u.finish_reason == "length" for u in self.usage)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m kdsl_utils.models.small_lm [--weights NAME ...]``: download, assemble and
+    verify the weights (what ``make small-lm`` runs after installing the binding)."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--weights", nargs="+", default=["qwen2.5-coder-1.5b"], choices=list(WEIGHTS))
+    for name in ap.parse_args(argv).weights:
+        t0 = time.perf_counter()
+        path = ensure_weights(name)
+        print(f"[small-lm] {name}: {path} ({WEIGHTS[name].size:,} bytes, sha256 "
+              f"{WEIGHTS[name].sha256[:12]}… verified) in {time.perf_counter() - t0:.0f} s")
+    for rt in RUNTIMES:
+        print(f"[small-lm] runtime {rt}: {'installed' if runtime_available(rt) else 'absent'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -842,7 +842,8 @@ class LLMProposer(Proposer):
     def tune_threshold(self, rule: Rule) -> Rule:
         """``rule`` with each semantic condition's cosine threshold chosen on the training
         fold: the grid value (``thresholds``) with the best F1 of the rule for its label
-        (precision first on ties); unchanged without a labelled, embeddable fold."""
+        (then precision; on a full tie the stricter threshold); unchanged without a labelled,
+        embeddable fold."""
         if (self.engine is None or self.train is None or self.train.embed is None
                 or not any(c.op in SEMANTIC_OPS for c in rule.conditions)):
             return rule
@@ -852,14 +853,14 @@ class LLMProposer(Proposer):
             if c.op not in SEMANTIC_OPS or c.threshold is not None:
                 continue
             best = None
-            for t in self.thresholds:
+            for t in sorted(self.thresholds):
                 trial = rule.replace(conditions=tuple(conds[:i] + [c.with_threshold(t)]
                                                       + conds[i + 1:]))
                 m = self.engine.rule_mask(trial)
                 tp = int((m & y).sum())
                 f1 = 2 * tp / max(int(m.sum()) + int(y.sum()), 1)
                 prec = tp / max(int(m.sum()), 1)
-                if best is None or (f1, prec) > best[0]:
+                if best is None or (f1, prec) >= best[0]:
                     best = ((f1, prec), t)
             conds[i] = c.with_threshold(best[1])
         return rule.replace(conditions=tuple(conds))
