@@ -112,6 +112,11 @@ class RulesCfg:
     iterations: int = 30
     precision_threshold: float = 0.8
     holdout_fraction: float = 0.3  # share of the dev fold kept out of the search (overfit check)
+    # The LLM proposer on the mini profile: the CPU small LM (models.small_lm; `make small-lm`).
+    llm_weights: str = "qwen2.5-coder-1.5b"  # key of models.small_lm.WEIGHTS
+    llm_threads: int = 1  # llama.cpp threads (2 stalled on 2 oversubscribed cores, measured)
+    llm_max_tokens: int = 320  # answer budget; the JSON-schema grammar bounds every string
+    semantic: bool = True  # the LLM may write semantic conditions (e5 cosine, issue 15 1b)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from .config import Profile
 from .data.labels import ALL_LABELS, LABEL_TO_TASK
 from .data.records import Record
 from .data.splits import stratified_split
+from .features import default_cache_dir
 from .models.base import FitLog, Predictions
 from .rules.engine import Observables, RuleResult, build_observables, label_indices
 from .rules.propose import DataProposer, LLMProposer, Proposer
@@ -115,7 +116,9 @@ def make_proposer(cfg: Profile, fit_obs: Observables, *, seed: int,
         return DataProposer(fit_obs, seed=seed)
     if generate is None:
         raise ValueError("the llm proposer needs the small model's generate(prompt) -> str")
-    return LLMProposer(generate, train=fit_obs, count_tokens=count_tokens, seed=seed)
+    return LLMProposer(generate, train=fit_obs, count_tokens=count_tokens, seed=seed,
+                       semantic=cfg.rules.semantic,
+                       answer_cache=default_cache_dir() / "llm_answers")
 
 
 def majority_labels(train: Sequence[Record]) -> dict[str, int]:

@@ -132,6 +132,8 @@ def test_prompt_shape_schema_and_counters(tmp_path):
     p = gen.prompts[0]
     assert f'Target label: "{SEAL}" — {LABEL_MEANINGS[SEAL]}' in p
     assert "水杯漏水了" in p and "predicted: 商品材质" in p and "Confusable labels: 商品材质" in p
+    assert p.index(f'SHOULD get "{SEAL}"') < p.index("水杯漏水了") < \
+        p.index(f'must NOT get "{SEAL}"') < p.index("是什么材料")
     assert "semantic (V:" in p and "never repeat a keyword" in p
     schema = gen.schemas[0]
     assert schema["properties"]["rules"]["maxItems"] == 3
@@ -286,9 +288,13 @@ def test_proposer_tunes_the_semantic_threshold_on_train(sem_obs):
 
 def test_answer_schema_bounds_the_answer():
     s = answer_schema(["user_text", "image_count", "ocr_text"], 2)
-    cond = s["properties"]["rules"]["items"]["properties"]["conditions"]["items"]
-    assert cond["properties"]["field"]["enum"] == ["user_text", "ocr_text"]
-    assert "semantic" in cond["properties"]["op"]["enum"]
+    kw, sem = s["properties"]["rules"]["items"]["properties"]["conditions"]["items"]["anyOf"]
+    assert kw["properties"]["field"]["enum"] == ["user_text", "ocr_text"]
+    assert sem["properties"]["op"]["enum"] == ["semantic"]
+    long_kw = {"rules": [{"rationale": "", "conditions": [
+        {"field": "user_text", "op": "keyword_any", "value": ["这是一整句话不是关键词"]}]}]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(long_kw, s)
     too_many = {"rules": [{"rationale": "", "conditions": [
         {"field": "user_text", "op": "keyword_any", "value": ["a"] * 7}]}]}
     with pytest.raises(jsonschema.ValidationError):

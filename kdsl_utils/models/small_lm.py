@@ -27,10 +27,14 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..config import Profile
+from ..data.records import Record
+from . import qwen_vl
 
 CACHE_ENV = "KDSL_SMALL_LM_CACHE"
 
@@ -300,6 +304,20 @@ class LlamaGenerator:
         return {"calls": len(self.usage), "prompt_tokens": pt, "generated_tokens": ct,
                 "seconds": round(s, 2), "load_s": round(self.load_s, 2),
                 "truncated": sum(u.finish_reason == "length" for u in self.usage)}
+
+
+def generator_for(cfg: Profile, records: Sequence[Record] = ()) -> tuple[Any, Any]:
+    """The profile's small model as ``(generate, count_tokens)`` for ``LLMProposer``: the
+    paper/tiny profiles' Qwen2-VL small model, or on ``mini`` the CPU ``LlamaGenerator``
+    (``cfg.rules.llm_*``; ``count_tokens`` is None: the generator reports exact usage)."""
+    if cfg.backend == "qwen_vl":
+        return qwen_vl.small_model_generator(cfg, records)
+    why = installed(cfg.rules.llm_weights)
+    if why:
+        raise RuntimeError(f"rules proposer 'llm' on the {cfg.name} profile: {why}")
+    r = cfg.rules
+    return LlamaGenerator(r.llm_weights, threads=r.llm_threads, max_tokens=r.llm_max_tokens,
+                          seed=0), None
 
 
 def main(argv: list[str] | None = None) -> None:

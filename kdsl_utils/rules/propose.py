@@ -596,23 +596,32 @@ assert set(LABEL_MEANINGS) == set(ALL_LABELS)
 #: Condition kinds the LLM may write under the JSON-schema grammar: text fields only, keyword
 #: lists and semantic texts (both a list of strings: one grammar; numeric and regex conditions
 #: are left to the data-driven proposer).
-LLM_OPS = ("keyword_any", "keyword_all", "semantic")
+KEYWORD_LLM_OPS = ("keyword_any", "keyword_all")
 
 
 def answer_schema(fields: Sequence[str], k: int, *, semantic: bool = True,
-                  max_items: int = 6, max_len: int = 60) -> dict[str, Any]:
+                  max_items: int = 6, max_keyword_len: int = 8, max_len: int = 60
+                  ) -> dict[str, Any]:
     """JSON schema of an LLM answer ``{"rules": [{"rationale", "conditions"}]}`` (1..k rules,
-    1..2 conditions, 1..``max_items`` strings of at most ``max_len`` characters): llama.cpp
+    1..2 conditions; keyword conditions: 1..``max_items`` keywords of at most
+    ``max_keyword_len`` characters; semantic ones: 1..4 texts of at most ``max_len``): llama.cpp
     compiles it into a grammar, so the answer always parses and a loop cannot run past the
     bounds."""
     text_fields = [f for f in fields if FIELDS[f] == "text"] or ["user_text"]
-    ops = [o for o in LLM_OPS if semantic or o != "semantic"]
-    cond = {"type": "object",
-            "properties": {"field": {"enum": text_fields}, "op": {"enum": ops},
-                           "value": {"type": "array", "minItems": 1, "maxItems": max_items,
-                                     "items": {"type": "string", "minLength": 1,
-                                               "maxLength": max_len}}},
-            "required": ["field", "op", "value"], "additionalProperties": False}
+
+    def shape(ops: list[str], n_max: int, len_max: int) -> dict[str, Any]:
+        return {"type": "object",
+                "properties": {"field": {"enum": text_fields}, "op": {"enum": ops},
+                               "value": {"type": "array", "minItems": 1, "maxItems": n_max,
+                                         "items": {"type": "string", "minLength": 1,
+                                                   "maxLength": len_max}}},
+                "required": ["field", "op", "value"], "additionalProperties": False}
+
+    # keywords stay short (whole sentences never match as substrings); semantic texts may
+    # be sentences, at most 4 of them
+    cond = shape(list(KEYWORD_LLM_OPS), max_items, max_keyword_len)
+    if semantic:
+        cond = {"anyOf": [cond, shape(list(SEMANTIC_OPS), 4, max_len)]}
     rule = {"type": "object",
             "properties": {"rationale": {"type": "string", "maxLength": 160},
                            "conditions": {"type": "array", "minItems": 1, "maxItems": 2,
@@ -645,7 +654,8 @@ class LLMProposer(Proposer):
     label and the support/precision measured for each returned rule; semantic conditions
     need ``train.embed`` and get their cosine threshold tuned on it (``tune_threshold``).
     ``descriptions`` overrides ``LABEL_MEANINGS``. ``answer_cache`` (a directory) keeps
-    answers by prompt hash across runs (a hit costs no generation and is counted).
+    answers by prompt hash across runs (a hit costs no generation and is counted), for
+    generators that expose an ``identity`` (weights and sampling settings).
     """
 
     name = "llm"
@@ -733,24 +743,34 @@ class LLMProposer(Proposer):
                 for i in pick:
                     lines += self._fields_text(self.train.record(int(i)), task)
                     lines.append("    --")
-        if pick_fn or pick_fp:
-            lines.append("The current classifier makes these mistakes:")
-        for n, e in enumerate(pick_fn + pick_fp, 1):
+        if pick_fn:
+            lines.append(f'Records that SHOULD get "{target_label}" (the classifier missed them):')
+        for n, e in enumerate(pick_fn, 1):
+            lines.append(f"[{n}] true label: {e.gold} | predicted: {e.predicted or '(none)'}")
+            lines += self._fields_text(e.fields, e.task)
+        if pick_fp:
+            lines.append(f'Records that must NOT get "{target_label}" (the classifier wrongly '
+                         "gave it to them):")
+        for n, e in enumerate(pick_fp, len(pick_fn) + 1):
             lines.append(f"[{n}] true label: {e.gold} | predicted: {e.predicted or '(none)'}")
             lines += self._fields_text(e.fields, e.task)
         lines += [
-            f'Write {k} different rules that recognise "{target_label}" in the records of the '
-            "first kind without matching the others.",
+            f'Write {k} different rules that recognise "{target_label}" and do not match '
+            "records of other labels.",
             'A rule is a JSON object {"label": ..., "conditions": [...], "rationale": ...}; '
             "a record gets the label when ALL conditions hold.",
             'A condition is {"field": F, "op": OP, "value": V} with optional "negate": true.',
             "Fields: " + "; ".join(f"{f} ({FIELD_DESCRIPTIONS[f]})" for f in self.fields) + ".",
-            "Operators: keyword_any / keyword_all (V: list of distinct short strings found in "
-            "the text), regex (V: a Python regular expression), eq ne gt ge lt le "
-            "(image_count; V: number)"
+            "Operators: keyword_any / keyword_all (V: list of distinct short keywords of 2-4 "
+            "characters that occur in such texts, not whole sentences), regex (V: a Python "
+            "regular expression), eq ne gt ge lt le (image_count; V: number)"
             + ("; semantic (V: one sentence saying what the customer means, then 2-3 "
                "differently worded example questions, in Chinese; holds when the text "
                "means the same)." if self.semantic else "."),
+        ]
+        if self.semantic and k > 1:
+            lines.append("Make the first rule a semantic rule and the others keyword rules.")
+        lines += [
             "Each rule must differ from the others; never repeat a keyword.",
             "Answer with one JSON list inside ```json ... ``` and nothing else, for example:",
             "```json",
@@ -771,9 +791,11 @@ class LLMProposer(Proposer):
     def _generate(self, prompt: str, k: int) -> tuple[str, dict[str, Any]]:
         """The answer to ``prompt`` (from the disk cache where present) and its cost."""
         schema = self._schema(k)
-        identity = str(getattr(self.generate, "identity", getattr(self.generate, "__name__", "")))
+        # only a generator that says what decides its answers (weights, sampling) is cached:
+        # a bare function could be another model behind the same name
+        identity = getattr(self.generate, "identity", None)
         path = None
-        if self.answer_cache is not None:
+        if self.answer_cache is not None and identity is not None:
             key = _answer_key(prompt, identity, schema)
             path = self.answer_cache / key[:2] / f"{key}.json"
             if path.exists():
