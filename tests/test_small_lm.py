@@ -206,8 +206,10 @@ def test_show_call_lists_prompt_answer_rules_and_drops():
     prop = LLMProposer(FakeGenerator([bad]), fields=["user_text"])
     assert prop.show_call() is None
     prop.propose(SEAL, _errors(), k=2)
-    df = prop.show_call()
-    assert isinstance(df, pd.DataFrame)
+    view = prop.show_call()
+    df = view.table
+    assert isinstance(df, pd.DataFrame) and "<pre" in view._repr_html_()
+    assert "== raw answer" in str(view)
     assert {"target label", "prompt", "raw answer", "parsed rule 0", "dropped rule 1"} <= \
         set(df.index)
     assert "unknown_label" in df.loc["dropped rule 1", "text"]

@@ -16,6 +16,7 @@ counts its calls, cache hits, tokens (when known) and wall time (``cost()``).
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import re
@@ -895,9 +896,9 @@ class LLMProposer(Proposer):
                 "answer_chars": self.answer_chars, "valid_rules": self.n_valid,
                 "invalid_rules": self.n_invalid, "invalid_kinds": dict(self.invalid_kinds)}
 
-    def show_call(self, i: int = -1) -> pd.DataFrame | None:
-        """One call as a displayable table: its prompt, raw answer, parsed rules and why the
-        invalid ones were dropped (notebook 02)."""
+    def show_call(self, i: int = -1) -> CallView | None:
+        """One call, displayable: its prompt, raw answer, parsed rules and why the invalid ones
+        were dropped (notebook 02); None before any call."""
         if not self.log:
             return None
         c = self.log[i]
@@ -915,4 +916,22 @@ class LLMProposer(Proposer):
         if rep.n_fragments:
             rows.append(("dropped fragments", f"{rep.n_fragments} rule-like text(s) that "
                                               "did not parse (e.g. cut off at the token limit)"))
-        return pd.DataFrame(rows, columns=["what", "text"]).set_index("what")
+        return CallView(pd.DataFrame(rows, columns=["what", "text"]).set_index("what"))
+
+
+@dataclass(frozen=True)
+class CallView:
+    """One LLM proposer call for display: ``table`` (what -> text), shown in full (a notebook
+    renders each text as preformatted, so prompts and answers are not cut)."""
+
+    table: pd.DataFrame
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left;vertical-align:top'>{html.escape(k)}"
+                       f"</th><td style='text-align:left'><pre style='white-space:pre-wrap'>"
+                       f"{html.escape(str(v))}</pre></td></tr>"
+                       for k, v in self.table["text"].items())
+        return f"<table>{rows}</table>"
+
+    def __str__(self) -> str:
+        return "\n\n".join(f"== {k}\n{v}" for k, v in self.table["text"].items())
