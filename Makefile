@@ -21,6 +21,17 @@ TEST_FILES ?=
 SMOKE ?= false
 RESULTS_ROOT ?= results
 PRODUCTS_ROOT ?= products
+# RULES=llm: the CPU small LM proposes the rules (install it first: `make small-lm`). It is a
+# config override (rules__proposer), so its results get a path of their own. Default: data.
+RULES ?= data
+ifeq ($(RULES),llm)
+ifneq ($(strip $(OVERRIDES)),)
+$(error RULES=llm sets OVERRIDES itself; add "rules__proposer": "llm" to your OVERRIDES instead)
+endif
+override OVERRIDES := {"rules__proposer": "llm"}
+else ifneq ($(RULES),data)
+$(error RULES=$(RULES): use RULES=data (default) or RULES=llm)
+endif
 # Profile: PROFILE=... wins; else paper where CUDA is visible, mini elsewhere (decided once per make run).
 PROFILE ?= $(shell if [ -x $(PY) ]; then $(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'mini')" 2>/dev/null || echo mini; \
   elif nvidia-smi -L >/dev/null 2>&1; then echo paper; else echo mini; fi)
@@ -40,7 +51,7 @@ RUN_ARGS = PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true"
+	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true  RULES=data|llm"
 
 setup: $(STAMP) ## create .venv with the pinned packages
 

@@ -116,12 +116,12 @@ def _errors():
                          {"user_text": "你好\n是什么材料", "last_user_turn": "是什么材料"})]
 
 
-GOOD_ANSWER = json.dumps({"rules": [
-    {"rationale": "leak words", "conditions": [
-        {"field": "user_text", "op": "keyword_any", "value": ["漏水", "漏水", "渗水"]}]},
-    {"rationale": "means a leak", "conditions": [
+GOOD_ANSWER = json.dumps({
+    "semantic_rule": {"rationale": "means a leak", "conditions": [
         {"field": "user_text", "op": "semantic", "value": ["顾客说杯子漏水", "盖子漏水吗"]}]},
-]}, ensure_ascii=False)
+    "keyword_rules": [{"rationale": "leak words", "conditions": [
+        {"field": "user_text", "op": "keyword_any", "value": ["漏水", "漏水", "渗水"]}]}],
+}, ensure_ascii=False)
 
 
 def test_prompt_shape_schema_and_counters(tmp_path):
@@ -136,10 +136,10 @@ def test_prompt_shape_schema_and_counters(tmp_path):
         p.index(f'must NOT get "{SEAL}"') < p.index("是什么材料")
     assert "semantic (V:" in p and "never repeat a keyword" in p
     schema = gen.schemas[0]
-    assert schema["properties"]["rules"]["maxItems"] == 3
+    assert schema["properties"]["keyword_rules"]["maxItems"] == 2
     jsonschema.validate(json.loads(GOOD_ANSWER), schema)  # the grammar admits a good answer
-    assert [r.conditions[0].op for r in rules] == ["keyword_any", "semantic"]
-    assert rules[0].conditions[0].value == ("漏水", "渗水")  # a repeated keyword kept once
+    assert [r.conditions[0].op for r in rules] == ["semantic", "keyword_any"]
+    assert rules[1].conditions[0].value == ("漏水", "渗水")  # a repeated keyword kept once
     c = prop.cost()
     assert c["generator_calls"] == 1 and c["prompt_tokens"] == len(p)
     assert c["generated_tokens"] == len(GOOD_ANSWER) and c["valid_rules"] == 2
@@ -199,7 +199,7 @@ def test_invalid_rules_are_dropped_with_their_reason():
 
 
 def test_show_call_lists_prompt_answer_rules_and_drops():
-    bad = json.dumps({"rules": [json.loads(GOOD_ANSWER)["rules"][0],
+    bad = json.dumps({"rules": [json.loads(GOOD_ANSWER)["keyword_rules"][0],
                                 {"label": "不存在", "conditions": [
                                     {"field": "user_text", "op": "keyword_any", "value": ["a"]}]}]},
                      ensure_ascii=False)
@@ -290,18 +290,21 @@ def test_proposer_tunes_the_semantic_threshold_on_train(sem_obs):
 
 def test_answer_schema_bounds_the_answer():
     s = answer_schema(["user_text", "image_count", "ocr_text"], 2)
-    kw, sem = s["properties"]["rules"]["items"]["properties"]["conditions"]["items"]["anyOf"]
+    props = s["properties"]
+    sem = props["semantic_rule"]["properties"]["conditions"]["items"]
+    kw = props["keyword_rules"]["items"]["properties"]["conditions"]["items"]
     assert kw["properties"]["field"]["enum"] == ["user_text", "ocr_text"]
-    assert sem["properties"]["op"]["enum"] == ["semantic"]
-    long_kw = {"rules": [{"rationale": "", "conditions": [
-        {"field": "user_text", "op": "keyword_any", "value": ["这是一整句话不是关键词"]}]}]}
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(long_kw, s)
-    too_many = {"rules": [{"rationale": "", "conditions": [
-        {"field": "user_text", "op": "keyword_any", "value": ["a"] * 7}]}]}
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(too_many, s)
-    assert "semantic" not in json.dumps(answer_schema(["user_text"], 1, semantic=False))
+    assert sem["properties"]["op"]["enum"] == ["semantic"] and props["keyword_rules"]["maxItems"] == 1
+    sem_rule = {"rationale": "", "conditions": [{"field": "user_text", "op": "semantic",
+                                                 "value": ["顾客问这个是什么材料做的"]}]}
+    jsonschema.validate({"semantic_rule": sem_rule, "keyword_rules": []}, s)
+    for bad_kw in (["这是一整句话不是关键词"], ["a"] * 7):  # sentence; too many keywords
+        bad = {"semantic_rule": sem_rule, "keyword_rules": [{"rationale": "", "conditions": [
+            {"field": "user_text", "op": "keyword_any", "value": bad_kw}]}]}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, s)
+    plain = answer_schema(["user_text"], 3, semantic=False)
+    assert "semantic" not in json.dumps(plain) and plain["properties"]["rules"]["maxItems"] == 3
 
 
 # ------------------------------------------------------------------------------ real model

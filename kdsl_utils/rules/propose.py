@@ -517,8 +517,14 @@ def parse_rules(text: str, target_label: str | None = None, *, id_prefix: str = 
         elif isinstance(v, Mapping):
             if isinstance(v.get("rules"), list):
                 items += [x for x in v["rules"] if isinstance(x, Mapping)]
-            else:
+            elif "conditions" in v or "label" in v:
                 items.append(v)
+            else:  # a wrapper, e.g. {"semantic_rule": {...}, "keyword_rules": [...]}
+                for x in v.values():
+                    if isinstance(x, Mapping):
+                        items.append(x)
+                    elif isinstance(x, list):
+                        items += [y for y in x if isinstance(y, Mapping)]
     j = 0
     for d in items:
         if not ("conditions" in d or "label" in d):
@@ -603,9 +609,11 @@ KEYWORD_LLM_OPS = ("keyword_any", "keyword_all")
 def answer_schema(fields: Sequence[str], k: int, *, semantic: bool = True,
                   max_items: int = 6, max_keyword_len: int = 8, max_len: int = 60
                   ) -> dict[str, Any]:
-    """JSON schema of an LLM answer ``{"rules": [{"rationale", "conditions"}]}`` (1..k rules,
-    1..2 conditions; keyword conditions: 1..``max_items`` keywords of at most
-    ``max_keyword_len`` characters; semantic ones: 1..4 texts of at most ``max_len``): llama.cpp
+    """JSON schema of an LLM answer: ``{"semantic_rule": R, "keyword_rules": [R, ...]}`` (one
+    semantic rule, up to k-1 keyword rules of 1..2 conditions), or without ``semantic``
+    ``{"rules": [R, ...]}`` (1..k keyword rules); ``R = {"rationale", "conditions"}``;
+    keyword conditions hold 1..``max_items`` keywords of at most ``max_keyword_len``
+    characters, semantic ones 1..4 texts of at most ``max_len``. llama.cpp
     compiles it into a grammar, so the answer always parses and a loop cannot run past the
     bounds."""
     text_fields = [f for f in fields if FIELDS[f] == "text"] or ["user_text"]
@@ -620,18 +628,28 @@ def answer_schema(fields: Sequence[str], k: int, *, semantic: bool = True,
 
     # keywords stay short (whole sentences never match as substrings); semantic texts may
     # be sentences, at most 4 of them
-    cond = shape(list(KEYWORD_LLM_OPS), max_items, max_keyword_len)
-    if semantic:
-        cond = {"anyOf": [cond, shape(list(SEMANTIC_OPS), 4, max_len)]}
-    rule = {"type": "object",
-            "properties": {"rationale": {"type": "string", "maxLength": 160},
-                           "conditions": {"type": "array", "minItems": 1, "maxItems": 2,
-                                          "items": cond}},
-            "required": ["rationale", "conditions"], "additionalProperties": False}
+    kw = shape(list(KEYWORD_LLM_OPS), max_items, max_keyword_len)
+    sem = shape(list(SEMANTIC_OPS), 4, max_len)
+
+    def rule(cond: dict[str, Any], n_max: int) -> dict[str, Any]:
+        return {"type": "object",
+                "properties": {"rationale": {"type": "string", "maxLength": 160},
+                               "conditions": {"type": "array", "minItems": 1,
+                                              "maxItems": n_max, "items": cond}},
+                "required": ["rationale", "conditions"], "additionalProperties": False}
+
+    if not semantic:
+        return {"type": "object",
+                "properties": {"rules": {"type": "array", "minItems": 1,
+                                         "maxItems": max(k, 1), "items": rule(kw, 2)}},
+                "required": ["rules"], "additionalProperties": False}
+    # a 1.5B model asked for "a semantic rule first" kept writing keyword rules only (measured
+    # on real data): the grammar asks for one semantic rule, then up to k-1 keyword rules
     return {"type": "object",
-            "properties": {"rules": {"type": "array", "minItems": 1, "maxItems": max(k, 1),
-                                     "items": rule}},
-            "required": ["rules"], "additionalProperties": False}
+            "properties": {"semantic_rule": rule(sem, 1),
+                           "keyword_rules": {"type": "array", "minItems": 0,
+                                             "maxItems": max(k - 1, 0), "items": rule(kw, 2)}},
+            "required": ["semantic_rule", "keyword_rules"], "additionalProperties": False}
 
 
 def _answer_key(prompt: str, identity: str, schema: Any) -> str:
@@ -769,8 +787,9 @@ class LLMProposer(Proposer):
                "differently worded example questions, in Chinese; holds when the text "
                "means the same)." if self.semantic else "."),
         ]
-        if self.semantic and k > 1:
-            lines.append("Make the first rule a semantic rule and the others keyword rules.")
+        if self.semantic and self.grammar:
+            lines.append('Answer as {"semantic_rule": ..., "keyword_rules": [...]}: one '
+                         f"semantic rule, then up to {k - 1} keyword rules.")
         lines += [
             "Each rule must differ from the others; never repeat a keyword.",
             "Answer with one JSON list inside ```json ... ``` and nothing else, for example:",
