@@ -202,6 +202,8 @@ class Usage:
     completion_tokens: int
     seconds: float
     finish_reason: str = ""
+    prompt_s: float | None = None  # time reading the prompt, where the runtime reports it
+    generate_s: float | None = None  # time writing the answer, where the runtime reports it
 
 
 @dataclass
@@ -287,9 +289,12 @@ class LlamaGenerator:
         dt = time.perf_counter() - t0
         ch = out["choices"][0]
         u = out.get("usage", {})
+        tm = out.get("timings") or {}  # xllamacpp (llama.cpp server) reports both phases
         self.usage.append(Usage(int(u.get("prompt_tokens", 0)),
                                 int(u.get("completion_tokens", 0)), dt,
-                                str(ch.get("finish_reason", ""))))
+                                str(ch.get("finish_reason", "")),
+                                tm["prompt_ms"] / 1e3 if "prompt_ms" in tm else None,
+                                tm["predicted_ms"] / 1e3 if "predicted_ms" in tm else None))
         return ch["message"]["content"] or ""
 
     @property
