@@ -10,6 +10,19 @@ cross-validated mistakes on A). For each of the N intent labels with the most re
 LLMProposer (1 call, k rules, JSON-schema grammar) writes rules from A's typical records and
 errors; semantic thresholds are tuned on A. Every rule, and every condition kind on its own,
 is scored on B (held-out train fold) and on test1: records matched, precision.
+
+Measured 2026-12-01 on 2 shared cores (under load: load average 7-26 from other work), xllamacpp,
+1 thread, 4 most frequent intent labels (适用季节, 单品推荐, 版本款型区别, 反馈密封性不好), k=3:
+
+| weights | calls | prompt tok | generated tok | generate s | kind | B matched / correct | test1 matched / correct |
+|---|---|---|---|---|---|---|---|
+| 1.5B | 4 | 2560 | 808 | 311 | semantic (4 rules) | 8 / 6 (0.75) | 5 / 2 (0.40) |
+| 1.5B | | | | | keyword (7 rules) | 5 / 1 (0.20) | 4 / 0 |
+| 0.5B | 4 | 2560 | 338 | 34 | semantic (4 rules) | 183 / 18 (0.10) | 86 / 9 (0.10) |
+
+The 0.5B writes label names as its "questions" (e.g. 商品材质 for 版本款型区别); the 1.5B's keywords
+are mostly question fragments that occur nowhere (``夏季商品?``), its semantic questions carry
+the label's meaning where the label is concrete (适用季节: 4 of 4 right on B).
 """
 
 from __future__ import annotations
