@@ -128,6 +128,12 @@ class RulesCfg:
     init_rules: str = ""  # rule-base JSON the searches start from (a name in rules/fixtures/
     #   or a path); tiny's smoke runs start from a fixture, its model proposes no valid rule
 
+    # The LLM proposer on the mini profile: the CPU small LM (models.small_lm; `make small-lm`).
+    llm_weights: str = "qwen2.5-coder-1.5b"  # key of models.small_lm.WEIGHTS
+    llm_threads: int = 1  # llama.cpp threads (2 stalled on 2 oversubscribed cores, measured)
+    llm_max_tokens: int = 320  # answer budget; the JSON-schema grammar bounds every string
+    semantic: bool = True  # the LLM may write semantic conditions (e5 cosine, issue 15 1b)
+
 
 @dataclass(frozen=True)
 class ReprCfg:
