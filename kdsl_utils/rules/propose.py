@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import sparse
+from sklearn.feature_extraction.text import CountVectorizer
 
 from ..data.labels import ALL_LABELS, IMAGE_TASK, LABEL_TO_TASK
 from ..hashing import stable_int
@@ -200,8 +201,6 @@ class DataProposer(Proposer):
     def _task_index(self, task: str) -> _TaskIndex:
         if task in self._index:
             return self._index[task]
-        from sklearn.feature_extraction.text import CountVectorizer
-
         rows = np.flatnonzero(self.train.tasks == task)
         cols: list[sparse.spmatrix] = []
         conds: list[Condition] = []
