@@ -130,6 +130,8 @@ class CotCfg:
     gamma_grid: tuple[float, ...] = (0.25, 0.5, 0.75)  # γ quantiles tried; chosen on the dev fold
     max_new_tokens: int = 160  # generation budget at inference (room to see what exceeds the limit)
     token_limit: int = 100  # the challenge's output-token limit
+    train_sample: int = 0  # > 0: at most this many fit records (seeded sample; smoke runs)
+    test_sample: int = 0  # > 0: at most this many records per test split (seeded sample)
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,8 @@ def _base(name: str) -> Profile:
             # the random twin's own rationales are noise (all rejected): the template teacher
             # gives the CoT code paths real targets; the model teacher is run in the tests
             cot=CotCfg(teacher="template", teacher_max_new_tokens=16, epochs=2.0,
-                       gamma_grid=(0.5,), max_new_tokens=24, token_limit=100),
+                       gamma_grid=(0.5,), max_new_tokens=24, token_limit=100,
+                       train_sample=24, test_sample=16),
         )
     raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
 
