@@ -566,3 +566,13 @@ def summary(run: CotRun) -> dict[str, Any]:
             "dev": run.dev.to_dict("records"),
             "fits": run.fits.to_dict("records")}
 
+
+
+def token_table(outputs: pd.DataFrame) -> pd.DataFrame:
+    """Tokens per answer by variant, split and task: mean/max generated tokens, share that
+    reasoned, share unparseable, share within the token limit (ended, <= limit)."""
+    g = outputs.groupby(["variant", "split", "task"])
+    return g.agg(n=("id", "size"), tokens_mean=("n_tokens", "mean"), tokens_max=("n_tokens", "max"),
+                 think_rate=("thought", "mean"),
+                 unparseable_rate=("how", lambda h: float((h == "unparseable").mean())),
+                 fits_limit=("fits", "mean")).round(3).reset_index()
