@@ -291,10 +291,10 @@ class DynamicCotCallback(TrainerCallback):
     what is put in it here is what the epoch trains on. Decisions are kept in ``history``
     (and in ``log_path`` when given, so a run resumed mid-epoch reuses its epoch's choice)."""
 
-    def __init__(self, encoder, records: Sequence[Record], cot_targets: Mapping[str, str],
+    def __init__(self, backend: QwenVLBackend, records: Sequence[Record], cot_targets: Mapping[str, str],
                  targets: dict[str, str], *, quantile: float, warmup_epochs: int,
                  batch_size: int = 4, log_path: Path | None = None):
-        self.encoder, self.records = encoder, list(records)
+        self.backend, self.records = backend, list(records)  # its encoder exists once fit loads
         self.cot_targets, self.targets = dict(cot_targets), targets
         self.quantile, self.warmup = quantile, warmup_epochs
         self.batch_size, self.log_path = batch_size, log_path
@@ -311,7 +311,8 @@ class DynamicCotCallback(TrainerCallback):
         if epoch in done:
             ids = done[epoch]["ids"]
         else:
-            losses = record_losses(model, self.encoder, self.records, batch_size=self.batch_size)
+            losses = record_losses(model, self.backend.encoder, self.records,
+                                   batch_size=self.batch_size)
             choice = select_cot(losses, self.quantile, eligible=self.cot_targets)
             ids = sorted(choice.ids)
             self.history.append({"epoch": epoch, "quantile": self.quantile, "gamma": choice.gamma,
@@ -357,7 +358,7 @@ def fit_variant(cfg: Profile, records: Sequence[Record], cot_targets: Mapping[st
     elif variant == "dynamic_cot":
         if quantile is None:
             raise ValueError("dynamic_cot needs a quantile")
-        cb = DynamicCotCallback(None, records, cot_targets, targets, quantile=quantile,
+        cb = DynamicCotCallback(backend, records, cot_targets, targets, quantile=quantile,
                                 warmup_epochs=cfg.cot.warmup_epochs,
                                 batch_size=cfg.train.eval_batch_size,
                                 log_path=None if out_dir is None else Path(out_dir) / "cot_decisions.json")
@@ -366,13 +367,6 @@ def fit_variant(cfg: Profile, records: Sequence[Record], cot_targets: Mapping[st
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     extra = "" if variant == "sft" else _digest([variant, quantile, cfg.cot.warmup_epochs,
                                                  sorted(cot_targets.items())])
-    if cb is not None:  # the encoder exists once the backend has loaded (inside fit)
-        _orig = backend._load
-
-        def _load_and_bind():
-            _orig()
-            cb.encoder = backend.encoder
-        backend._load = _load_and_bind
     log = backend.fit(records, mix="joint", seed=seed, out_dir=out_dir, progress=progress,
                       targets=targets, callbacks=callbacks, fingerprint_extra=extra)
     name = variant if quantile is None else f"{variant}@{quantile:g}"
