@@ -4,8 +4,9 @@
 #   make reproduce DATA_DIR=../shared/mire PROFILE=mini
 #   make test
 #
-# Targets are files: each notebook's run.json depends on the notebook, the package sources
-# and the data, so a second `make reproduce` re-runs only what changed.
+# Targets are files: each notebook's run.json depends on the notebook, the package modules it
+# imports (transitively, computed by `python -m kdsl_utils.deps`), the results of the notebooks
+# it reads and the data, so a second `make reproduce` re-runs only what changed.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -19,28 +20,43 @@ DATA_DIR ?=
 SEED ?= 0
 TEST_FILES ?=
 SMOKE ?= false
+# Config overrides for every notebook, a JSON object: OVERRIDES='{"train__epochs": 5}'.
+OVERRIDES ?=
 RESULTS_ROOT ?= results
 PRODUCTS_ROOT ?= products
 # Profile: PROFILE=... wins; else paper where CUDA is visible, mini elsewhere (decided once per make run).
-PROFILE ?= $(shell if [ -x $(PY) ]; then $(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'mini')" 2>/dev/null || echo mini; \
+# (`:=`, not `?=`: a recursive variable would import torch again at every use.)
+ifeq ($(origin PROFILE),undefined)
+PROFILE := $(shell if [ -x $(PY) ]; then $(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'mini')" 2>/dev/null || echo mini; \
   elif nvidia-smi -L >/dev/null 2>&1; then echo paper; else echo mini; fi)
+endif
 DATA_TAG := $(if $(DATA_DIR),$(notdir $(abspath $(DATA_DIR))),synthetic)
 DATA_TAG := $(DATA_TAG)$(if $(filter true,$(SMOKE)),$(if $(DATA_DIR),,-smoke),)
-RESULTS := $(RESULTS_ROOT)/$(PROFILE)/$(DATA_TAG)
-PRODUCTS := $(PRODUCTS_ROOT)/$(PROFILE)/$(DATA_TAG)
-PKG_SRC := $(shell find kdsl_utils -name '*.py' -o -name '*.json' 2>/dev/null) pyproject.toml
+# Results of a run with overrides go to <profile>-ov<hash of the overrides>/ (validated here,
+# so a misspelt name stops make before any notebook runs). kdsl_utils.config and .deps need
+# only the standard library, so the system python serves before .venv exists.
+CONFIG_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+PROFILE_DIR := $(if $(OVERRIDES),$(shell PYTHONPATH=$(CURDIR) $(CONFIG_PY) -m kdsl_utils.config $(PROFILE) '$(OVERRIDES)' || echo INVALID-OVERRIDES),$(PROFILE))
+ifneq ($(filter INVALID-OVERRIDES,$(PROFILE_DIR)),)
+$(error OVERRIDES='$(OVERRIDES)' rejected (see the message above))
+endif
+RESULTS := $(RESULTS_ROOT)/$(PROFILE_DIR)/$(DATA_TAG)
+PRODUCTS := $(PRODUCTS_ROOT)/$(PROFILE_DIR)/$(DATA_TAG)
+PKG_SRC := $(shell find kdsl_utils -name '*.py' 2>/dev/null)
 DATA_FILES := $(if $(DATA_DIR),$(wildcard $(DATA_DIR)/*.json),)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-8]*.ipynb))))
 NB_PARAMS = -p PROFILE $(PROFILE) -p DATA_DIR "$(if $(DATA_DIR),$(abspath $(DATA_DIR)),)" -p SEED $(SEED) \
-            -p SMOKE $(SMOKE) -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) $(if $(TEST_FILES),-p TEST_FILES '$(TEST_FILES)',)
+            -p SMOKE $(SMOKE) -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) $(if $(TEST_FILES),-p TEST_FILES '$(TEST_FILES)',) \
+            $(if $(OVERRIDES),-p OVERRIDES '$(OVERRIDES)',)
 RUN_ARGS = PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(TEST_FILES)' SMOKE=$(SMOKE) \
-           RESULTS_ROOT=$(RESULTS_ROOT) PRODUCTS_ROOT=$(PRODUCTS_ROOT)
+           RESULTS_ROOT=$(RESULTS_ROOT) PRODUCTS_ROOT=$(PRODUCTS_ROOT) OVERRIDES='$(OVERRIDES)'
 
-.PHONY: help setup reproduce notebooks test figures lint clean banner
+.PHONY: help setup reproduce notebooks test test-unit test-smoke test-realdata figures lab lint clean banner
 
 help: ## list targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' Makefile | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true"
+	@echo "             OVERRIDES='{\"train__epochs\": 5}'  (results under <profile>-ov<hash>/)"
 
 setup: $(STAMP) ## create .venv with the pinned packages
 
@@ -59,19 +75,49 @@ reproduce: banner $(STAMP) ## run the numbered notebooks in order (results/, pro
 	@$(MAKE) --no-print-directory figures
 	@echo "[kdsl] done: results in $(RESULTS), rendered notebooks in $(PRODUCTS), figures in figures/"
 
-notebooks: $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json) ## only the run notebooks whose inputs changed
+notebooks: $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json $(RESULTS)/$(nb)/results.sha256) ## only the run notebooks whose inputs changed
 
-# Notebook NN depends on the one before it (and so on all earlier ones: their results are its inputs).
+# A notebook's real inputs: the notebook, the package modules it imports (transitively), the
+# results stamp of each notebook whose results it reads (S.upstream(...)), the data and the pins.
+# The module lists come from kdsl_utils.deps into $(DEPS_MK), remade when a notebook or a
+# package file changes (make re-reads it before planning anything, also under make -n).
+DEPS_MK := .make/deps.mk
+$(DEPS_MK): $(wildcard notebooks/[0-8]*.ipynb) $(PKG_SRC)
+	@mkdir -p $(@D)
+	@PYTHONPATH=$(CURDIR) $(CONFIG_PY) -m kdsl_utils.deps --make $(wildcard notebooks/[0-8]*.ipynb) > $@.tmp && mv $@.tmp $@
+-include $(DEPS_MK)
+
+# A reader depends on results.sha256 of what it reads, rewritten only when those results
+# change (make re-checks its time after the recipe): a redraw alone does not re-run readers.
+NB_RUN ?= $(PY) -m kdsl_utils.notebooks
 define NOTEBOOK_RULE
-$(RESULTS)/$(1)/run.json: notebooks/$(1).ipynb $(PKG_SRC) $(DATA_FILES) $(2) | $(STAMP)
-	$(PY) -m kdsl_utils.notebooks $(1) --out $(PRODUCTS) $(NB_PARAMS)
+$(RESULTS)/$(1)/run.json: notebooks/$(1).ipynb $(DATA_FILES) pyproject.toml | $(STAMP)
+	$(NB_RUN) $(1) --out $(PRODUCTS) $(NB_PARAMS)
 	@test -f $$@ || { echo "[kdsl] notebook $(1) did not write $$@"; exit 1; }
+$(RESULTS)/$(1)/results.sha256: $(RESULTS)/$(1)/run.json
+	@PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.deps --stamp $$(@D)
 endef
-PREV_RUN :=
-$(foreach nb,$(NOTEBOOKS),$(eval $(call NOTEBOOK_RULE,$(nb),$(PREV_RUN)))$(eval PREV_RUN := $(RESULTS)/$(nb)/run.json))
+$(foreach nb,$(NOTEBOOKS),$(eval $(call NOTEBOOK_RULE,$(nb))))
 
-test: $(STAMP) ## run the test suite (unit tests + notebook smoke runs)
-	$(PY) -m pytest -q -n 2 --durations=15
+# Test tiers are pytest markers (pyproject.toml): unit (fast), smoke (papermill, tiny data),
+# realdata (skips itself, saying why, where the MIRE data is absent).
+PYTEST := $(PY) -m pytest -q -n 2 --durations=15
+test: $(STAMP) ## every tier: unit + smoke (+ realdata where the data exists)
+	$(PYTEST)
+test-unit: $(STAMP) ## fast unit tests of the package only
+	$(PYTEST) -m unit
+test-smoke: $(STAMP) ## papermill smoke runs of every notebook on tiny synthetic data
+	$(PYTEST) -m smoke
+test-realdata: $(STAMP) ## real-MIRE tests, README numbers within tolerance (KDSL_MIRE_DIR)
+	$(PYTEST) -m realdata
+
+LAB_PORT ?= 8888
+LAB_ARGS ?=
+KERNEL := kdsl-replication
+lab: $(STAMP) ## JupyterLab on notebooks/ with the project's kernel (LAB_ARGS=--no-browser)
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))" >/dev/null
+	@echo "[kdsl] kernel 'Python ($(KERNEL))' = $(abspath $(PY)); open a notebook, run the cells top to bottom"
+	cd notebooks && $(abspath $(VENV))/bin/jupyter lab --port $(LAB_PORT) --ServerApp.root_dir=. $(LAB_ARGS)
 
 figures: $(STAMP) ## regenerate figures and the README results section from results files
 	$(PY) -m kdsl_utils.notebooks 90_report --out $(PRODUCTS_ROOT)/report -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) \
@@ -81,5 +127,5 @@ lint: $(STAMP) ## ruff over the package and tests
 	$(PY) -m pip install -q ruff==0.17.5 && $(PY) -m ruff check kdsl_utils tests benchmarks
 
 clean: ## remove caches and build leftovers (never results/ or products/)
-	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	rm -rf .pytest_cache .ruff_cache build *.egg-info .make
 	find . -name __pycache__ -prune -exec rm -rf {} +

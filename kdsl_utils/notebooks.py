@@ -3,7 +3,8 @@
     python -m kdsl_utils.notebooks 00_data --out products/mini/synthetic -p PROFILE mini ...
 
 The executed notebook and its HTML rendering are written to ``--out``. Parameters are
-given as ``-p NAME VALUE`` (VALUE parsed as JSON when it parses, else kept as a string).
+given as ``-p NAME VALUE`` (VALUE parsed as JSON when it parses, else kept as a string), so
+``-p OVERRIDES '{"train__epochs": 5}'`` arrives in the notebook as a dict.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import papermill as pm
+from nbconvert import HTMLExporter
+
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def run_notebook(name: str, out_dir: Path | str, parameters: dict, *, html: bool = True,
                  cwd: Path | str | None = None) -> Path:
     """Execute ``notebooks/<name>.ipynb`` with ``parameters`` into ``out_dir/<name>.ipynb``."""
-    import papermill as pm
-
     src = NOTEBOOK_DIR / f"{name}.ipynb"
     if not src.is_file():
         raise FileNotFoundError(f"no notebook {src}")
@@ -32,8 +34,6 @@ def run_notebook(name: str, out_dir: Path | str, parameters: dict, *, html: bool
     pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd or NOTEBOOK_DIR),
                         progress_bar=False, log_output=False, kernel_name="python3")
     if html:
-        from nbconvert import HTMLExporter
-
         body, _ = HTMLExporter().from_filename(str(dst))
         dst.with_suffix(".html").write_text(body, encoding="utf-8")
     print(f"[kdsl] {name}: executed in {time.time() - t0:.0f}s -> {dst}", flush=True)

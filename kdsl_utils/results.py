@@ -14,7 +14,6 @@ so no number can be read without knowing what produced it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -27,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from .hashing import files_digest
 METRICS_COLUMNS = ["experiment", "variant", "seed", "split", "task", "metric", "value"]
 PACKAGES = ("kdsl-utils", "torch", "transformers", "peft", "accelerate", "datasets", "numpy",
             "pandas", "scikit-learn", "pillow", "rapidocr", "onnxruntime", "papermill")
@@ -101,11 +101,7 @@ def device_info() -> dict[str, Any]:
 
 def fingerprint(paths: Iterable[Path | str]) -> str:
     """sha256 over the bytes of the given files (order-independent), first 16 hex digits."""
-    h = hashlib.sha256()
-    for p in sorted(Path(x) for x in paths):
-        h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()[:16]
+    return files_digest(paths, 16)
 
 
 @dataclass

@@ -19,7 +19,6 @@ is encodable, so a twin built from the training records also reads held-out reco
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from ..data import synth_templates
 from ..data.labels import ALL_LABELS
 from ..data.prompts import image_instruction, intent_instruction
 from ..data.records import Record
+from ..hashing import json_digest
 from .sft import SYSTEM_PROMPT, format_answer, format_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -270,8 +270,7 @@ def tiny_key(records: Iterable[Record] = (), *, seed: int = 0, arch: TinyArch = 
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
-    blob = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest(payload, 16)
 
 
 def tiny_model_dir(
