@@ -32,7 +32,6 @@ backend has no generative student: :func:`applicable` says so and nothing is com
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from transformers import TrainerCallback
 
 from .config import Profile
 from .data.records import Record
+from .hashing import canonical_json, sha256_text
 from .metrics import metric_rows
 from .models.base import Predictions
 from .models.qwen_vl import QwenVLBackend
@@ -180,7 +180,7 @@ def _stamp(record: Record) -> list:
 
 def rationale_key(record: Record, teacher_id: str) -> str:
     """Content key of a rationale: the teacher and what it reads (prompt, label, images)."""
-    return hashlib.sha256(json.dumps([teacher_id, *_stamp(record)]).encode()).hexdigest()
+    return sha256_text(canonical_json([teacher_id, *_stamp(record)]))
 
 
 @dataclass
@@ -329,7 +329,7 @@ def train_cfg(cfg: Profile) -> Profile:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return sha256_text(canonical_json(obj))
 
 
 @dataclass

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from kdsl_utils import dynamic_cot as dc
+from kdsl_utils import report
 from kdsl_utils.config import resolve
 from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS
 from kdsl_utils.data.mire import load_mire
 from kdsl_utils.models.qwen_vl import QwenVLBackend
 from kdsl_utils.models.sft import IGNORE_INDEX, sft_dataset
+from kdsl_utils.results import RunLog, write_metrics
 
 pytestmark = pytest.mark.xdist_group("qwen_vl")
 CANDS = tuple(INTENT_LABELS)
@@ -167,3 +169,15 @@ def test_three_variants_same_budget_and_dynamic_redecides(train_set, mire, tmp_p
     dec = dc.reasoning_by_label(pd.DataFrame([{"epoch": 1, "id": i, "label": "x", "task": "image",
                                                "cot": i in h["ids"]} for i in h["losses"]]))
     assert dec.n_cot.sum() == len(h["ids"])
+
+
+def test_report_says_not_applicable_for_mini(tmp_path):
+    run = tmp_path / "05_dynamic_cot"
+    run.mkdir()
+    write_metrics(dc.not_applicable_rows(resolve("mini"), experiment="05_dynamic_cot", seed=0,
+                                         splits=["test1"]), run / "metrics.csv")
+    RunLog(experiment="05_dynamic_cot", config={}, data_dir="", data_fingerprint="",
+           extra={}).write(run / "run.json")
+    md = report.readme_section("mini", {"05_dynamic_cot": run}, tmp_path / "fig", tmp_path)
+    assert "Not applicable for this profile" in md and "| sft (parsed)" not in md
+
