@@ -121,7 +121,9 @@ class CotCfg:
     The three variants (plain SFT, full CoT, dynamic CoT) train ``epochs`` epochs each with the
     profile's TrainCfg otherwise (``max_steps`` lifted), so their optimizer-step budgets are equal."""
 
-    teacher: str = "large"  # "large": the post-trained model zero-shot, given the label | "template"
+    teacher: str = "large"  # "large": the post-trained model zero-shot, given the label |
+    # "small_lm": the CPU small LM (text only; make small-lm) | "template": quotes the record
+    teacher_budget_s: float = 0.0  # > 0: a text teacher stops after this many seconds
     teacher_max_new_tokens: int = 96  # rationale length bound (tokens) at generation
     teacher_sample: int = 0  # > 0: rationales for at most this many training records (time bound)
     epochs: float = 3.0  # training epochs of every variant (dynamic: the first is the warm-up)

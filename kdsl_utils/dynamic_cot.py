@@ -67,6 +67,11 @@ from .models.scoring import (
 from .models.sft import IGNORE_INDEX, SFTCollator, plan_dataset, sft_dataset
 from .threads import torch_threads
 
+try:  # the CPU small language model (optional extra `small-lm`; merged from its own branch)
+    from .models import small_lm
+except ImportError:  # pragma: no cover - depends on the installed extras / merged modules
+    small_lm = None
+
 ANSWER_MARK = "答案："
 _MARKS = ("答案：", "答案:")
 VARIANTS = ("sft", "full_cot", "dynamic_cot")
@@ -173,6 +178,24 @@ def template_rationale(record: Record, label: str) -> str:
     return cot_target(why, label)
 
 
+def teacher_text_prompt(record: Record, label: str) -> str:
+    """The text-only teacher's prompt (a language model without pixels): the record's prompt
+    with each image written ``[图片]``, the gold label and the rationale format."""
+    return teacher_instruction(record, label).replace("<image>", "[图片]")
+
+
+def text_generator(teacher: str) -> Any:
+    """The text teacher's generator, ``generate(prompt) -> str`` with an ``identity``:
+    ``small_lm`` is :class:`kdsl_utils.models.small_lm.LlamaGenerator` (GGUF on CPU). Raises
+    where it is not installed (never a silent substitute)."""
+    if teacher != "small_lm":
+        raise ValueError(f"no text generator for teacher {teacher!r}")
+    if small_lm is None or not small_lm.installed():
+        raise RuntimeError("teacher='small_lm' needs kdsl_utils.models.small_lm with its weights "
+                           "and runtime (make small-lm); choose teacher='large' or 'template'")
+    return small_lm.LlamaGenerator(max_tokens=128)
+
+
 def _stamp(record: Record) -> list:
     return [record.instruction, record.label,
             [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in record.images]]
@@ -197,7 +220,9 @@ class Rationales:
 
     @property
     def rejected_share(self) -> float:
-        return float(1.0 - self.rows.ok.mean()) if len(self.rows) else float("nan")
+        """Share of the generated rationales that failed :func:`check_rationale`."""
+        gen = self.rows[self.rows.reason != "not_generated"]
+        return float(1.0 - gen.ok.mean()) if len(gen) else float("nan")
 
 
 def _read_cache(path: Path) -> dict[str, str]:
@@ -213,9 +238,16 @@ def _write_cache(path: Path, cache: Mapping[str, str]) -> None:
 
 def teacher_rationales(cfg: Profile, records: Sequence[Record], *, teacher: str | None = None,
                        cache_path: Path | None = None, seed: int = 0,
-                       backend: QwenVLBackend | None = None) -> Rationales:
+                       backend: QwenVLBackend | None = None, generator: Any = None) -> Rationales:
     """A rationale per record (at most ``CotCfg.teacher_sample`` records, seeded sample),
-    checked against its gold label; cached by content in ``cache_path`` (a JSON file)."""
+    checked against its gold label; cached by content in ``cache_path`` (a JSON file).
+
+    Teachers: ``large`` (``backend``, default the profile's large model, through the
+    generation path, images included), ``template``, or a text generator (``small_lm``, or
+    any ``generator(prompt) -> str`` given with ``teacher="text"``; it should carry an
+    ``identity`` string for the cache). With ``CotCfg.teacher_budget_s`` > 0 a text teacher
+    stops once the budget is spent: the records it did not reach have no rationale
+    (``reason`` ``not_generated``, not counted as rejected)."""
     t0 = time.perf_counter()
     teacher = teacher or cfg.cot.teacher
     recs = list(records)
@@ -226,8 +258,11 @@ def teacher_rationales(cfg: Profile, records: Sequence[Record], *, teacher: str 
     elif teacher == "large":
         backend = backend or QwenVLBackend(cfg, which="large")
         teacher_id = f"large:{backend.source}:{backend._base()}:{cfg.cot.teacher_max_new_tokens}"
+    elif teacher in ("small_lm", "text"):
+        generator = generator if generator is not None else text_generator(teacher)
+        teacher_id = f"text:{getattr(generator, 'identity', repr(generator))}"
     else:
-        raise ValueError(f"unknown teacher {teacher!r}; choose large or template")
+        raise ValueError(f"unknown teacher {teacher!r}; choose large, small_lm or template")
     cache = _read_cache(cache_path) if cache_path else {}
     keys = [rationale_key(r, teacher_id) for r in recs]
     todo = [i for i, k in enumerate(keys) if k not in cache]
@@ -235,16 +270,26 @@ def teacher_rationales(cfg: Profile, records: Sequence[Record], *, teacher: str 
     if todo:
         if teacher == "template":
             texts = [template_rationale(recs[i], recs[i].label) for i in todo]
-        else:
+        elif teacher == "large":
             hinted = [replace(recs[i], instruction=teacher_instruction(recs[i], recs[i].label))
                       for i in todo]
             texts = backend.generate(hinted, max_new_tokens=cfg.cot.teacher_max_new_tokens).texts
+        else:
+            texts = []
+            for i in todo:
+                if cfg.cot.teacher_budget_s and time.perf_counter() - t0 > cfg.cot.teacher_budget_s:
+                    break
+                texts.append(generator(teacher_text_prompt(recs[i], recs[i].label)))
         for i, t in zip(todo, texts):
             cache[keys[i]] = t
         if cache_path:
             _write_cache(cache_path, cache)
     rows = []
     for r, k, c in zip(recs, keys, cached):
+        if k not in cache:
+            rows.append({"id": r.id, "task": r.task, "label": r.label, "text": "", "ok": False,
+                         "reason": "not_generated", "rationale": "", "cached": False})
+            continue
         chk = check_rationale(cache[k], r.label, r.candidates)
         rows.append({"id": r.id, "task": r.task, "label": r.label, "text": cache[k], "ok": chk.ok,
                      "reason": chk.reason, "rationale": chk.rationale, "cached": c})

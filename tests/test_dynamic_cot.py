@@ -181,3 +181,39 @@ def test_report_says_not_applicable_for_mini(tmp_path):
     md = report.readme_section("mini", {"05_dynamic_cot": run}, tmp_path / "fig", tmp_path)
     assert "Not applicable for this profile" in md and "| sft (parsed)" not in md
 
+
+
+class FakeText:
+    """A text teacher that answers the label it is told for image records, another intent
+    label for intent records (a wrong final label)."""
+
+    identity = "fake-v1"
+
+    def __init__(self):
+        self.prompts = []
+
+    def __call__(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        label = prompt.split("已知正确答案是「")[1].split("」")[0]
+        if label in INTENT_LABELS:
+            label = INTENT_LABELS[INTENT_LABELS.index(label) - 1]
+        return f"理由。\n答案：{label}"
+
+
+def test_text_teacher_checked_cached_and_time_bounded(train_set, tmp_path):
+    gen = FakeText()
+    rat = dc.teacher_rationales(CFG, train_set, teacher="text", generator=gen,
+                                cache_path=tmp_path / "c.json")
+    assert len(gen.prompts) == len(train_set) and all("<image>" not in p for p in gen.prompts)
+    assert (rat.rows.ok == (rat.rows.task == "image")).all()
+    assert set(rat.rows[~rat.rows.ok].reason) == {"wrong_label"}
+    assert rat.rejected_share == pytest.approx(1 - rat.rows.ok.mean())
+    assert set(rat.targets) == set(rat.rows[rat.rows.ok].id)
+    dc.teacher_rationales(CFG, train_set, teacher="text", generator=gen,
+                          cache_path=tmp_path / "c.json")
+    assert len(gen.prompts) == len(train_set)  # second call: all from the cache
+    tiny_budget = resolve("tiny", cot__teacher_budget_s=1e-9)
+    cut = dc.teacher_rationales(tiny_budget, train_set, teacher="text", generator=FakeText())
+    assert set(cut.rows.reason) == {"not_generated"} and cut.targets == {}
+    with pytest.raises(ValueError):
+        dc.teacher_rationales(CFG, train_set, teacher="oracle")
