@@ -415,7 +415,8 @@ def fit_variant(cfg: Profile, records: Sequence[Record], cot_targets: Mapping[st
     log = backend.fit(records, mix="joint", seed=seed, out_dir=out_dir, progress=progress,
                       targets=targets, callbacks=callbacks, fingerprint_extra=extra)
     name = variant if quantile is None else f"{variant}@{quantile:g}"
-    n_cot = len(targets) if variant != "sft" else 0
+    # dynamic: the last decision (also when a finished run was loaded and nothing trained)
+    n_cot = len(cb.history[-1]["ids"]) if cb and cb.history else len(targets)
     return VariantFit(name, quantile, backend, log.steps, log.final_loss, log.wall_s, n_cot,
                       list(cb.history) if cb else [])
 

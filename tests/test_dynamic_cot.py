@@ -156,6 +156,10 @@ def test_three_variants_same_budget_and_dynamic_redecides(train_set, mire, tmp_p
     h = dyn.history[0]
     assert len(h["ids"]) == sum(v > h["gamma"] for v in h["losses"].values()) > 0
     assert fits["full_cot"].n_cot_targets == len(train_set) and fits["sft"].n_cot_targets == 0
+    # a rerun loads the finished run and its decisions instead of training again
+    again = dc.fit_variant(CFG, train_set, rat.targets, variant="dynamic_cot", seed=0, quantile=0.5,
+                           out_dir=tmp_path / "dynamic_cot")
+    assert again.history == dyn.history and again.n_cot_targets == dyn.n_cot_targets == len(h["ids"])
     test = list(mire.tests["test1"])[:4]
     res = dc.think_predict(fits["full_cot"].backend, test, max_new_tokens=12, token_limit=10)
     df = res.rows
