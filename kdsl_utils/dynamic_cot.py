@@ -103,17 +103,37 @@ def split_answer(text: str) -> tuple[str, str | None]:
 @dataclass(frozen=True)
 class RationaleCheck:
     ok: bool
-    rationale: str  # the reasoning before the answer line
-    label: str | None  # label parsed from the answer line
-    reason: str  # "ok" | "no_answer_line" | "unparseable_answer" | "wrong_label" | "empty_rationale"
+    rationale: str  # the reasoning (before the answer line, or the whole text)
+    label: str | None  # the rationale's final label
+    reason: str  # "ok" | "no_label" | "unparseable_answer" | "wrong_label" | "empty_rationale"
+    form: str = "answer_line"  # "answer_line" (答案：...) | "last_mention" (no answer line)
+
+
+def last_label_mentioned(text: str, candidates: Sequence[str]) -> str | None:
+    """The candidate label whose mention ends last in ``text`` (ties: the longest, so a
+    label that contains another wins), or None when no candidate is mentioned."""
+    best: tuple[int, int, str] | None = None
+    for c in candidates:
+        pos = text.rfind(c)
+        if pos >= 0:
+            key = (pos + len(c), len(c), c)
+            best = key if best is None or key[:2] > best[:2] else best
+    return best[2] if best else None
 
 
 def check_rationale(text: str, gold: str, candidates: Sequence[str]) -> RationaleCheck:
-    """Accept a teacher rationale only if it ends in an answer line whose label is ``gold``
-    and has some reasoning before it. Pure function."""
+    """Accept a teacher rationale only if its final label is ``gold`` and it has some
+    reasoning. The final label is the one of the last ``答案：`` line; a text without that
+    line (small models often write "…因此分类结果为「X」" instead) is judged by the label it
+    mentions last. Pure function."""
     reasoning, answer = split_answer(text)
     if answer is None:
-        return RationaleCheck(False, reasoning, None, "no_answer_line")
+        label = last_label_mentioned(text, candidates)
+        if label is None:
+            return RationaleCheck(False, text.strip(), None, "no_label", "last_mention")
+        ok = label == gold and bool(text.strip())
+        return RationaleCheck(ok, text.strip(), label, "ok" if ok else "wrong_label",
+                              "last_mention")
     label, _ = parse_label(answer, candidates)
     if label is None:
         return RationaleCheck(False, reasoning, None, "unparseable_answer")
@@ -209,7 +229,7 @@ def rationale_key(record: Record, teacher_id: str) -> str:
 @dataclass
 class Rationales:
     teacher: str
-    rows: pd.DataFrame  # id, task, label, text, ok, reason, rationale, cached
+    rows: pd.DataFrame  # id, task, label, text, ok, reason, form, rationale, cached
     wall_s: float
 
     @property
@@ -288,12 +308,13 @@ def teacher_rationales(cfg: Profile, records: Sequence[Record], *, teacher: str 
     for r, k, c in zip(recs, keys, cached):
         if k not in cache:
             rows.append({"id": r.id, "task": r.task, "label": r.label, "text": "", "ok": False,
-                         "reason": "not_generated", "rationale": "", "cached": False})
+                         "reason": "not_generated", "form": "", "rationale": "", "cached": False})
             continue
         chk = check_rationale(cache[k], r.label, r.candidates)
         rows.append({"id": r.id, "task": r.task, "label": r.label, "text": cache[k], "ok": chk.ok,
-                     "reason": chk.reason, "rationale": chk.rationale, "cached": c})
-    cols = ["id", "task", "label", "text", "ok", "reason", "rationale", "cached"]
+                     "reason": chk.reason, "form": chk.form, "rationale": chk.rationale,
+                     "cached": c})
+    cols = ["id", "task", "label", "text", "ok", "reason", "form", "rationale", "cached"]
     return Rationales(teacher, pd.DataFrame(rows, columns=cols), time.perf_counter() - t0)
 
 

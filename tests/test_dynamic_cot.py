@@ -33,7 +33,9 @@ def test_check_rationale_accepts_a_rationale_ending_in_the_gold_label():
 
 @pytest.mark.parametrize("text,reason", [
     (f"理由。\n答案：{INTENT_LABELS[4]}", "wrong_label"),
-    (f"理由，最终是{GOLD}", "no_answer_line"),
+    ("理由，但没有说是哪一类", "no_label"),
+    # no answer line: the label mentioned last decides
+    (f"不是{GOLD}，而是{INTENT_LABELS[4]}", "wrong_label"),
     ("理由。\n答案：不知道", "unparseable_answer"),
     (f"答案：{GOLD}", "empty_rationale"),
     # the *last* answer line decides: a rationale that changes its mind is judged by its end
@@ -42,6 +44,13 @@ def test_check_rationale_accepts_a_rationale_ending_in_the_gold_label():
 def test_check_rationale_rejects(text, reason):
     chk = dc.check_rationale(text, GOLD, CANDS)
     assert not chk.ok and chk.reason == reason
+
+
+def test_check_rationale_without_answer_line_uses_the_last_mention():
+    chk = dc.check_rationale(f"客户问的不是{INTENT_LABELS[4]}，因此分类结果为“{GOLD}”。", GOLD, CANDS)
+    assert chk.ok and chk.form == "last_mention" and chk.label == GOLD
+    assert dc.last_label_mentioned("退款页面", ["退款", "退款页面"]) == "退款页面"  # longest wins
+    assert dc.last_label_mentioned("无", CANDS) is None
 
 
 def test_parse_cot_answer_direct_and_reasoned():
@@ -118,7 +127,7 @@ def test_model_teacher_rationales_are_checked_and_cached(train_set, tmp_path):
     r1 = dc.teacher_rationales(cfg, train_set, cache_path=cache, seed=0)
     assert len(r1.rows) == 2 and not r1.rows.cached.any() and cache.is_file()
     # the random twin's text is checked like any other: a rejected one has its reason
-    assert set(r1.rows.reason) <= {"ok", "no_answer_line", "unparseable_answer", "wrong_label",
+    assert set(r1.rows.reason) <= {"ok", "no_label", "unparseable_answer", "wrong_label",
                                    "empty_rationale"}
     assert r1.rejected_share == pytest.approx(1 - r1.rows.ok.mean())
     r2 = dc.teacher_rationales(cfg, train_set, cache_path=cache, seed=0)
