@@ -65,6 +65,7 @@ from .models.scoring import (
     softmax,
 )
 from .models.sft import IGNORE_INDEX, SFTCollator, plan_dataset, sft_dataset
+from .seesaw import release
 from .threads import torch_threads
 
 try:  # the CPU small language model (optional extra `small-lm`; merged from its own branch)
@@ -276,6 +277,7 @@ def teacher_rationales(cfg: Profile, records: Sequence[Record], *, teacher: str 
     if teacher == "template":
         teacher_id = "template-v1"
     elif teacher == "large":
+        own = backend is None  # a teacher loaded here is released here (one large model at a time)
         backend = backend or QwenVLBackend(cfg, which="large")
         teacher_id = f"large:{backend.source}:{backend._base()}:{cfg.cot.teacher_max_new_tokens}"
     elif teacher in ("small_lm", "text"):
@@ -294,6 +296,8 @@ def teacher_rationales(cfg: Profile, records: Sequence[Record], *, teacher: str 
             hinted = [replace(recs[i], instruction=teacher_instruction(recs[i], recs[i].label))
                       for i in todo]
             texts = backend.generate(hinted, max_new_tokens=cfg.cot.teacher_max_new_tokens).texts
+            if own:
+                release(backend)
         else:
             texts = []
             for i in todo:
@@ -566,7 +570,7 @@ def run_cot(cfg: Profile, fit: Sequence[Record], dev: Sequence[Record],
         fits.append({"variant": vf.variant, "quantile": q, "steps": vf.steps,
                      "final_loss": vf.final_loss, "wall_s": round(vf.wall_s, 2),
                      "n_train": len(fit), "n_cot_targets": vf.n_cot_targets})
-        vf.backend.model = None  # one model at a time
+        release(vf.backend)  # one model at a time (a 7B twice would not fit one GPU)
     dev_df = pd.DataFrame(dev_rows)
     dyn = dev_df[dev_df.variant == "dynamic_cot"]
     # ties -> the default quantile if among the best, else the first best
