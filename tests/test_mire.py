@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import image_record, intent_record, make_mire, write_image
@@ -201,3 +202,47 @@ def test_real_mire_counts(real_mire):
 
 def test_write_image_helper_roundtrip(tmp_path):
     assert Image.open(write_image(tmp_path / "x.png")).size == (64, 96)
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "symlinked_dir"])
+def test_image_outside_images_dir_is_rejected(tmp_path, how):
+    # A valid image outside images/ must not be read: the error names file, record and target.
+    outside = write_image(tmp_path / "secret" / "outside.jpg")
+    rec = image_record("bad-1")
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    if how == "dotdot":
+        rec["image"] = ["../../secret/outside.jpg"]
+    elif how == "absolute":
+        rec["image"] = [str(outside)]
+    elif how == "symlink":
+        (root / "images" / "link.jpg").symlink_to(outside)
+        rec["image"] = ["link.jpg"]
+    else:
+        (root / "images" / "sub").symlink_to(outside.parent, target_is_directory=True)
+        rec["image"] = ["sub/outside.jpg"]
+    (root / "train.json").write_text(json.dumps([image_record("good-1"), rec]), encoding="utf-8")
+    with pytest.raises(MireValidationError) as e:
+        load_split(root / "train.json")
+    msg = str(e.value)
+    assert "train.json" in msg and "bad-1" in msg and "image_outside_data" in msg
+    assert str(outside.resolve()) in msg
+    kinds, report = _problem_kinds(root)
+    assert kinds == ["image_outside_data"] and report.n_kept == 1
+
+
+def test_symlink_inside_images_dir_is_fine(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    (root / "images" / "alias.jpg").symlink_to(root / "images" / "good-1-0.jpg")
+    rec = image_record("ok-2")
+    rec["image"] = ["alias.jpg"]
+    (root / "train.json").write_text(json.dumps([image_record("good-1"), rec]), encoding="utf-8")
+    assert len(load_split(root / "train.json")[0]) == 2
+
+
+def test_missing_images_folder_is_named(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    shutil.rmtree(root / "images")
+    with pytest.raises(MireError, match=r"images folder .*d/images does not exist"):
+        load_split(root / "train.json")
+    with pytest.raises(MireError, match="images folder"):
+        load_mire(root)

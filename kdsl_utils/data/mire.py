@@ -11,7 +11,11 @@ every record into a :class:`~kdsl_utils.data.records.Record` and checks, per rec
   bracket width gets its own problem class, ``wrong_bracket_width``;
 * ``<image>`` placeholders equal ``len(image)``; image records have at least one image;
 * the dialogue parses into turns (roles 用户/客服) and has at least one customer turn;
-* every image exists, is not a decompression bomb, and decodes.
+* every image name resolves inside the data directory's ``images/`` (no ``..``, absolute
+  path or symlink leading out of it), exists, is not a decompression bomb, and decodes.
+
+A missing ``images/`` folder is an error naming the folder. :func:`load_mire` also reports
+leakage between train and the test splits (same record id, same image file content).
 
 ``strict=True`` (the default) raises :class:`MireValidationError` listing every problem
 with its file and record id; ``strict=False`` skips the bad records and reports them in a
@@ -196,12 +200,18 @@ def _validate(raw: object, source: str, images_dir: Path, seen: set[str],
             return bad("empty_dialogue", "dialogue has no customer (用户) turn")
 
     paths = tuple(images_dir / name for name in images)
-    for p in paths:
+    for name, p in zip(images, paths):
+        # Data stays in its directory: '..', absolute names and symlinks must not lead out of
+        # images/ (a valid image elsewhere on the machine would otherwise be read silently).
+        resolved = p.resolve()
+        if not resolved.is_relative_to(images_dir):
+            return bad("image_outside_data", f"image {name!r} resolves to {resolved}, outside "
+                       f"the data directory's images folder {images_dir}")
         problem = check_image(p, decode=decode_images)
         if problem:
             kind = ("missing_image" if problem == "missing" else
                     "decompression_bomb" if problem.startswith("decompression") else "corrupt_image")
-            return bad(kind, f"image {p.name}: {problem}")
+            return bad(kind, f"image {name!r} ({p}): {problem}")
     rec = Record(id=rid, task=task, instruction=instruction, label=label, images=paths,
                  candidates=candidates, turns=turns, source=source, input=raw["input"])
     return rec, []
@@ -230,6 +240,9 @@ def load_split(path: Path | str, images_dir: Path | str | None = None, *, strict
     path = Path(path)
     images_dir = Path(images_dir) if images_dir is not None else path.parent / "images"
     raw = read_json_list(path)
+    if not images_dir.is_dir() and any(isinstance(r, dict) and r.get("image") for r in raw):
+        raise MireError(f"{path}: its records name images, but the images folder {images_dir} "
+                        "does not exist (a MIRE directory holds train.json, test*.json and images/)")
     report, records, seen = LoadReport(n_read=len(raw)), [], set()
     for item in raw:
         rec, problems = _validate(item, path.name, images_dir.resolve(), seen, decode_images)
