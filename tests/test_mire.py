@@ -246,3 +246,23 @@ def test_missing_images_folder_is_named(tmp_path):
         load_split(root / "train.json")
     with pytest.raises(MireError, match="images folder"):
         load_mire(root)
+
+
+def test_leakage_is_reported(tmp_path):
+    train = [image_record("a-1"), image_record("b-1")]
+    clean = make_mire(tmp_path / "clean", train, {"test1": [image_record("c-1")]})
+    for k, name in enumerate(["a-1", "b-1", "c-1"]):  # make_mire draws identical images
+        write_image(clean / "images" / f"{name}-0.jpg", color=(k, 50, 50))
+    data = load_mire(clean)
+    assert data.leaks == [] and "test1 vs train: 0 record id(s) and 0" in data.leakage_summary()
+    root = make_mire(tmp_path / "d", train, {"test1": [image_record("a-1"), image_record("c-1"),
+                                                       image_record("d-1")]})
+    for k, name in enumerate(["a-1", "b-1", "d-1"]):
+        write_image(root / "images" / f"{name}-0.jpg", color=(k, 50, 50))
+    shutil.copy(root / "images" / "b-1-0.jpg", root / "images" / "c-1-0.jpg")  # same bytes, new name
+    with pytest.warns(UserWarning, match="leakage"):
+        data = load_mire(root)
+    assert [(p.record_id, p.kind) for p in data.leaks] == [("a-1", "id_in_train"), ("a-1", "image_in_train"),
+                                                          ("c-1", "image_in_train")]
+    assert "b-1-0.jpg" in data.leaks[2].message and "b-1" in data.leaks[2].message
+    assert "test1 vs train: 1 record id(s) and 2 record(s)" in data.leakage_summary()

@@ -24,6 +24,7 @@ with its file and record id; ``strict=False`` skips the bad records and reports 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
@@ -68,6 +69,19 @@ class MireData:
     train: list[Record]
     tests: dict[str, list[Record]] = field(default_factory=dict)
     reports: dict[str, LoadReport] = field(default_factory=dict)
+    #: train/test leakage found on load (kinds ``id_in_train``, ``image_in_train``).
+    leaks: list[Problem] = field(default_factory=list)
+
+    def leakage_summary(self) -> str:
+        """One line per test split: record ids and image files it shares with train."""
+        lines = []
+        for split in self.tests:
+            ids = sum(p.kind == "id_in_train" for p in self.leaks if p.file == f"{split}.json")
+            imgs = sum(p.kind == "image_in_train" for p in self.leaks if p.file == f"{split}.json")
+            lines.append(f"leakage {split} vs train: {ids} record id(s) and {imgs} record(s) with an "
+                         f"image file identical (same bytes) to a train image"
+                         + ("" if ids + imgs else " — none"))
+        return "\n".join(lines)
 
     @property
     def splits(self) -> dict[str, list[Record]]:
@@ -255,6 +269,41 @@ def load_split(path: Path | str, images_dir: Path | str | None = None, *, strict
     return records, report
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_leakage(train: Sequence[Record], tests: dict[str, Sequence[Record]]) -> list[Problem]:
+    """Test records that share a record id, or an image file's content (sha256 of its bytes),
+    with a train record: a score on them measures memory, not generalisation."""
+    digests: dict[Path, str] = {}
+
+    def digest(p: Path) -> str:
+        if p not in digests:
+            digests[p] = _file_digest(p)
+        return digests[p]
+
+    train_ids = {r.id for r in train}
+    train_imgs = {digest(p): (r.id, p.name) for r in train for p in r.images}
+    out = []
+    for split, recs in tests.items():
+        for r in recs:
+            if r.id in train_ids:
+                out.append(Problem(f"{split}.json", r.id, "id_in_train",
+                                   "record id also occurs in train.json"))
+            for p in r.images:
+                hit = train_imgs.get(digest(p))
+                if hit is not None:
+                    out.append(Problem(f"{split}.json", r.id, "image_in_train",
+                                       f"image {p.name} has the same bytes as {hit[1]} of train record {hit[0]!r}"))
+                    break
+    return out
+
+
 def find_test_files(root: Path) -> list[str]:
     """Names (without .json) of the test splits in a MIRE directory, sorted."""
     return sorted(p.stem for p in Path(root).glob("test*.json"))
@@ -282,4 +331,9 @@ def load_mire(root: Path | str, *, test_files: Sequence[str | Path] | None = Non
         recs, rep = load_split(p, images, strict=strict, decode_images=decode_images)
         data.tests[p.stem] = recs
         data.reports[p.stem] = rep
+    data.leaks = find_leakage(data.train, data.tests)
+    if data.leaks:
+        warnings.warn(f"{root}: train/test leakage, {len(data.leaks)} test record(s):\n  "
+                      + "\n  ".join(str(p) for p in data.leaks[:10])
+                      + ("\n  ..." if len(data.leaks) > 10 else ""), stacklevel=2)
     return data
