@@ -24,6 +24,7 @@ from .data.labels import ALL_LABELS, LABEL_TO_TASK
 from .data.records import Record
 from .data.splits import stratified_split
 from .models.base import FitLog, Predictions
+from .results import atomic_path
 from .rules.engine import Observables, RuleResult, build_observables, label_indices
 from .rules.propose import DataProposer, LLMProposer, Proposer
 
@@ -73,8 +74,9 @@ def load_probas(up: Path, splits: Sequence[str], variant: str = "kdsl") -> dict[
 
 def save_proba(path: Path | str, preds: Predictions) -> None:
     gold = np.array(["" if g is None else g for g in preds.gold])  # "" marks an unlabelled record
-    np.savez_compressed(path, ids=np.array(preds.ids), tasks=np.array(preds.tasks),
-                        proba=preds.proba.astype(np.float32), gold=gold)
+    with atomic_path(path) as tmp:  # the target name ends in .npz, so numpy keeps tmp's name
+        np.savez_compressed(tmp, ids=np.array(preds.ids), tasks=np.array(preds.tasks),
+                            proba=preds.proba.astype(np.float32), gold=gold)
 
 
 def load_proba(path: Path | str) -> Predictions:

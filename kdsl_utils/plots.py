@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .fonts import setup_matplotlib_cjk  # noqa: E402
+from .results import atomic_path  # noqa: E402
 
 
 def style() -> None:
@@ -83,7 +84,8 @@ def gallery(items: Sequence[tuple[Path, str]], ncols: int = 4, title: str = "") 
 def save(fig: plt.Figure, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     return path
 
 

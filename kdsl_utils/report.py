@@ -5,15 +5,16 @@ Everything here reads tidy metric frames (``metrics.csv``); nothing trains or pr
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .metrics import bootstrap_ci
+from .results import ResultsFileError, atomic_write, read_run_json
 
 #: Display names and order of the results table's rows (variant → name). Variants of
 #: notebook 01 carry the prefix ``01:``.
@@ -30,6 +31,10 @@ ROWS = {
 }
 PAPER_GAINS = {"test1": 6.37, "test2": 6.28}  # the paper's online weighted-F1 gains (points)
 _MARK = ("<!-- results:start -->", "<!-- results:end -->")
+#: Each run's subsection inside the results section: ``<!-- results:KEY -->`` ...
+#: ``<!-- /results:KEY -->``, KEY = ``profile/data/seed<N>`` (:func:`section_key`).
+_SUB = re.compile(r"<!-- results:(?P<key>[^\n]+?) -->\n(?P<body>.*?)\n<!-- /results:(?P=key) -->", re.DOTALL)
+_LEGACY = re.compile(r"^### profile=(?P<profile>[^,\n]+), data=(?P<data>[^,\n]+)$", re.MULTILINE)
 
 
 def ci_rows(y_true: Sequence[str], y_pred: Sequence[str], tasks: Sequence[str], *,
@@ -94,32 +99,84 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_readme_section(readme: Path | str, body: str) -> bool:
-    """Replace the text between the results markers of ``readme``; True if it changed."""
+def section_key(profile: str, data: str, seed: int) -> str:
+    """The README subsection key of the runs of one profile, data and seed."""
+    return f"{profile}/{data}/seed{seed}"
+
+
+def _existing_sections(block: str) -> dict[str, str]:
+    """Subsections of a results block by key. A block written before subsection markers
+    existed is split at its ``### profile=P, data=D`` headings into keys ``P/D`` (that layout
+    held one seed per profile and data)."""
+    found = {m.group("key"): m.group("body").strip() for m in _SUB.finditer(block)}
+    if found:
+        return found
+    heads = list(_LEGACY.finditer(block))
+    for k, m in enumerate(heads):
+        stop = heads[k + 1].start() if k + 1 < len(heads) else len(block)
+        found[f"{m.group('profile')}/{m.group('data')}"] = block[m.start():stop].strip()
+    return found
+
+
+def write_readme_section(readme: Path | str, header: str, sections: Mapping[str, str]) -> bool:
+    """Rewrite the results section of ``readme`` between its markers: ``header`` first, then
+    one subsection per key (:func:`section_key`), sorted. ``sections`` are the runs this
+    report saw; the README's other subsections are kept as they were, so a report over a
+    results root that lacks some runs (a smoke run, another machine) never drops them. A kept
+    subsection is replaced when ``sections`` has its key or a key below it (``P/D`` by
+    ``P/D/seed0``). Written atomically; True if the file changed."""
     path = Path(readme)
     text = path.read_text(encoding="utf-8")
     start, end = _MARK
-    if start not in text or end not in text:
-        raise ValueError(f"{path}: results markers {start} / {end} not found")
-    new = re.sub(re.escape(start) + r".*?" + re.escape(end),
-                 lambda _: f"{start}\n{body.strip()}\n{end}", text, flags=re.DOTALL)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path}: expected one results section between {start} and {end}")
+    i, j = text.index(start) + len(start), text.index(end)
+    merged = {k: v for k, v in _existing_sections(text[i:j]).items()
+              if not any(n == k or n.startswith(k + "/") for n in sections)}
+    merged.update({k: v.strip() for k, v in sections.items()})
+    parts = [header.strip(), ""]
+    for key in sorted(merged):
+        parts += [f"<!-- results:{key} -->", merged[key], f"<!-- /results:{key} -->", ""]
+    if not merged:
+        parts += ["No finished runs found.", ""]
+    new = text[:i] + "\n" + "\n".join(parts) + text[j:]
     if new != text:
-        path.write_text(new, encoding="utf-8")
+        atomic_write(path, new)
     return new != text
 
 
 def find_runs(results_root: Path | str, include_smoke: bool = False) -> pd.DataFrame:
-    """Every finished run under ``results_root``: profile, data, experiment, path (a run is
-    finished when its ``run.json`` exists)."""
+    """Every finished run under ``results_root`` (``profile/data/seed<N>/experiment/``):
+    profile, data, seed, experiment, path. A run is finished when its ``run.json`` is a valid
+    one (:func:`~kdsl_utils.results.read_run_json`); a torn or foreign ``run.json``, or one in
+    the old layout without a seed folder, is not taken for a finished run: it is named in a
+    warning and listed in ``attrs["invalid"]``."""
     root = Path(results_root)
-    rows = []
-    for rj in sorted(root.glob("*/*/*/run.json")):
+    rows, invalid = [], []
+    for rj in sorted(root.glob("*/*/*/*/run.json")):
         exp_dir = rj.parent
-        data, profile = exp_dir.parent.name, exp_dir.parent.parent.name
+        seed_dir = exp_dir.parent
+        data, profile = seed_dir.parent.name, seed_dir.parent.parent.name
         if data.endswith("-smoke") and not include_smoke:
             continue
-        rows.append({"profile": profile, "data": data, "experiment": exp_dir.name, "path": exp_dir})
-    return pd.DataFrame(rows, columns=["profile", "data", "experiment", "path"])
+        m = re.fullmatch(r"seed(-?\d+)", seed_dir.name)
+        if m is None:
+            continue
+        try:
+            read_run_json(rj)
+        except ResultsFileError as e:
+            invalid.append(str(e))
+            continue
+        rows.append({"profile": profile, "data": data, "seed": int(m.group(1)),
+                     "experiment": exp_dir.name, "path": exp_dir})
+    invalid += [f"{rj}: old results layout (no seed<N> folder); re-run to report it"
+                for rj in sorted(root.glob("*/*/*/run.json"))
+                if include_smoke or not rj.parent.parent.name.endswith("-smoke")]
+    if invalid:
+        warnings.warn("results not reported:\n  " + "\n  ".join(invalid), stacklevel=2)
+    out = pd.DataFrame(rows, columns=["profile", "data", "seed", "experiment", "path"])
+    out.attrs["invalid"] = invalid
+    return out
 
 
 def seesaw_gain(metrics01: pd.DataFrame) -> pd.DataFrame:
@@ -139,7 +196,7 @@ def time_table(paths: dict[str, Path]) -> pd.DataFrame:
     its results folder."""
     rows = []
     for exp, path in sorted(paths.items()):
-        run = json.loads((Path(path) / "run.json").read_text(encoding="utf-8"))
+        run = read_run_json(Path(path) / "run.json")
         fx = run.get("feature_extraction", {})
         f_s = sum(v["seconds"] for v in fx.values())
         wall = float(run.get("wall_time_s", float("nan")))
@@ -154,7 +211,7 @@ def time_table(paths: dict[str, Path]) -> pd.DataFrame:
 
 def machine_line(paths: dict[str, Path]) -> str:
     """The machine the runs in ``paths`` report in their ``run.json`` (the first one's)."""
-    run = json.loads((Path(next(iter(paths.values()))) / "run.json").read_text(encoding="utf-8"))
+    run = read_run_json(Path(next(iter(paths.values()))) / "run.json")
     dev = run.get("device", {})
     return (f"{dev.get('platform', '?')}, {dev.get('torch_threads', '?')} torch threads, "
             f"CUDA {'yes' if dev.get('cuda') else 'no'}")

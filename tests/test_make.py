@@ -31,7 +31,7 @@ def _finished_runs(tmp_path: Path) -> dict[str, Path]:
     runs = {}
     future = time.time() + 3600
     for k, nb in enumerate(NOTEBOOKS):
-        p = tmp_path / "results" / "tiny" / "synthetic-smoke" / nb / "run.json"
+        p = tmp_path / "results" / "tiny" / "synthetic-smoke" / "seed0" / nb / "run.json"
         p.parent.mkdir(parents=True)
         p.write_text("{}")
         os.utime(p, (future + k, future + k))  # newer than every input, in notebook order

@@ -35,6 +35,6 @@ def test_every_notebook_in_order(tmp_path):
         except Exception as e:  # papermill's error carries the failing cell
             pytest.fail(f"notebook {name} failed:\n{e}")
         if not name.startswith("9"):
-            assert (results / "tiny" / "synthetic-smoke" / name / "run.json").is_file(), name
+            assert (results / "tiny" / "synthetic-smoke" / "seed0" / name / "run.json").is_file(), name
     text = readme.read_text(encoding="utf-8")
-    assert "profile=tiny, data=synthetic-smoke" in text and "**Results**" in text
+    assert "profile=tiny, data=synthetic-smoke, seed=0" in text and "**Results**" in text

@@ -309,6 +309,20 @@ def find_test_files(root: Path) -> list[str]:
     return sorted(p.stem for p in Path(root).glob("test*.json"))
 
 
+def test_file_paths(root: Path | str, test_files: Sequence[str | Path] | None = None) -> list[Path]:
+    """The json files of the test splits: ``test_files`` are split names (``"test1"`` →
+    ``root/test1.json``) or paths to json files (``~`` expanded; relative to the current
+    folder); None: every ``test*.json`` in ``root``."""
+    root = Path(root)
+    if test_files is None:
+        return [root / f"{t}.json" for t in find_test_files(root)]
+    out = []
+    for t in test_files:
+        p = Path(t).expanduser()
+        out.append(p.absolute() if p.suffix == ".json" else root / f"{t}.json")
+    return out
+
+
 def load_mire(root: Path | str, *, test_files: Sequence[str | Path] | None = None,
               strict: bool = True, decode_images: bool = True) -> MireData:
     """Load ``train.json`` and the test splits of a MIRE directory.
@@ -323,10 +337,7 @@ def load_mire(root: Path | str, *, test_files: Sequence[str | Path] | None = Non
     train, rep = load_split(root / "train.json", root / "images", strict=strict,
                             decode_images=decode_images)
     data = MireData(root=root, train=train, reports={"train": rep})
-    for t in (find_test_files(root) if test_files is None else test_files):
-        p = Path(t)
-        if p.suffix != ".json":
-            p = root / f"{t}.json"
+    for p in test_file_paths(root, test_files):
         images = p.parent / "images" if (p.parent / "images").is_dir() else root / "images"
         recs, rep = load_split(p, images, strict=strict, decode_images=decode_images)
         data.tests[p.stem] = recs

@@ -37,6 +37,7 @@ from typing import Any
 import jsonschema
 
 from ..data.labels import IMAGE_LABELS, LABEL_TO_TASK, TASKS, near_miss
+from ..results import atomic_write
 
 SCHEMA_VERSION = "1.0"
 SUPPORTED_VERSIONS = ("1.0",)
@@ -354,7 +355,7 @@ class RuleBase:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1), "utf-8")
+        atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
         return path
 
     @classmethod
