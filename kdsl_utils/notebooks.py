@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -151,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_notebook(args.name, out, params, html=not args.no_html)
     except PapermillExecutionError as e:
-        print(f"[kdsl] notebook {args.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-              f"[kdsl] full traceback: {Path(out) / (args.name + '.ipynb')}", file=sys.stderr)
+        # What and where first, in one line; the end of the traceback (colour codes removed) after.
+        tail = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(e.traceback or [])).strip().splitlines()[-12:]
+        print(f"[kdsl] notebook {args.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
+        print("\n".join(["    " + line for line in tail]
+                        + [f"[kdsl] full traceback: {Path(out) / (args.name + '.ipynb')}"]), file=sys.stderr)
         return 1
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""

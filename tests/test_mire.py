@@ -266,3 +266,14 @@ def test_leakage_is_reported(tmp_path):
                                                           ("c-1", "image_in_train")]
     assert "b-1-0.jpg" in data.leaks[2].message and "b-1" in data.leaks[2].message
     assert "test1 vs train: 1 record id(s) and 2 record(s)" in data.leakage_summary()
+
+
+@pytest.mark.parametrize("name", ["a\x00.jpg", "a" * 5000 + ".jpg", "loop.jpg"])
+def test_unusable_image_names_are_problems_not_crashes(tmp_path, name):
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    (root / "images" / "loop.jpg").symlink_to("loop.jpg")
+    rec = image_record("bad-1")
+    rec["image"] = [name]
+    (root / "train.json").write_text(json.dumps([image_record("good-1"), rec]), encoding="utf-8")
+    kinds, report = _problem_kinds(root)
+    assert kinds == ["bad_image_name"] and report.problems[0].record_id == "bad-1"

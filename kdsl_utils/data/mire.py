@@ -217,7 +217,13 @@ def _validate(raw: object, source: str, images_dir: Path, seen: set[str],
     for name, p in zip(images, paths):
         # Data stays in its directory: '..', absolute names and symlinks must not lead out of
         # images/ (a valid image elsewhere on the machine would otherwise be read silently).
-        resolved = p.resolve()
+        try:
+            resolved = p.resolve()
+            p.stat()
+        except FileNotFoundError:
+            pass  # reported as missing below, once the name is known to stay inside
+        except (OSError, ValueError, RuntimeError) as e:  # NUL byte, name too long, symlink loop
+            return bad("bad_image_name", f"image {name[:80]!r}: unusable file name ({type(e).__name__}: {e})"[:300])
         if not resolved.is_relative_to(images_dir):
             return bad("image_outside_data", f"image {name!r} resolves to {resolved}, outside "
                        f"the data directory's images folder {images_dir}")
@@ -256,7 +262,8 @@ def load_split(path: Path | str, images_dir: Path | str | None = None, *, strict
     raw = read_json_list(path)
     if not images_dir.is_dir() and any(isinstance(r, dict) and r.get("image") for r in raw):
         raise MireError(f"{path}: its records name images, but the images folder {images_dir} "
-                        "does not exist (a MIRE directory holds train.json, test*.json and images/)")
+                        f"{'is not a folder' if images_dir.exists() else 'does not exist'} "
+                        "(a MIRE directory holds train.json, test*.json and images/)")
     report, records, seen = LoadReport(n_read=len(raw)), [], set()
     for item in raw:
         rec, problems = _validate(item, path.name, images_dir.resolve(), seen, decode_images)
