@@ -37,12 +37,14 @@ def _old_repo(tmp_path: Path) -> Path:
     past = time.time() - 1000
     for p in repo.rglob("*"):
         os.utime(p, (past, past))
+    (repo / ".installed").touch()  # stands for the env's install stamp: make never reinstalls here
     return repo
 
 
 def _make(repo: Path, *args: str) -> list[str]:
     """Notebooks ``make -n notebooks`` would execute (their names)."""
-    out = subprocess.run(["make", "-n", "--no-print-directory", "notebooks", f"VENV={VENV}", *args],
+    out = subprocess.run(["make", "-n", "--no-print-directory", "notebooks", f"VENV={VENV}",
+                          f"STAMP={repo / '.installed'}", *args],
                          cwd=repo, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if "kdsl_utils.notebooks " in line and "--out" in line]
@@ -113,7 +115,8 @@ def test_user_paths_relative_and_tilde(setup, tmp_path, monkeypatch):
     (home / "mire").parent.mkdir(parents=True)
     shutil.copytree(data, home / "mire")
     env_args = ["PROFILE=tiny", "DATA_DIR=~/mire", "RESULTS_ROOT=~/out s", "PRODUCTS_ROOT=../prod"]
-    out = subprocess.run(["make", "-n", "--no-print-directory", "notebooks", f"VENV={VENV}", *env_args],
+    out = subprocess.run(["make", "-n", "--no-print-directory", "notebooks", f"VENV={VENV}",
+                          f"STAMP={repo / '.installed'}", *env_args],
                          cwd=repo, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HOME": str(home)})
     assert out.returncode == 0, out.stderr
@@ -127,14 +130,17 @@ def test_user_paths_relative_and_tilde(setup, tmp_path, monkeypatch):
 def test_real_run_seed1_beside_seed0(tmp_path):
     """Notebook 00 really runs for SEED=0 and SEED=1 (tiny synthetic data) into two folders."""
     results = tmp_path / "results"
+    installed = tmp_path / "installed"  # the env is set up: never let make reinstall it here
+    installed.touch()
+    common = ["PROFILE=tiny", "SMOKE=true", f"STAMP={installed}", f"RESULTS_ROOT={results}",
+              f"PRODUCTS_ROOT={tmp_path / 'p'}"]
     for seed in (0, 1):
         target = results / "tiny" / "synthetic-smoke" / f"seed{seed}" / "00_data" / "run.json"
-        out = subprocess.run(["make", "--no-print-directory", str(target), "PROFILE=tiny", "SMOKE=true",
-                              f"SEED={seed}", f"RESULTS_ROOT={results}", f"PRODUCTS_ROOT={tmp_path / 'p'}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(["make", "--no-print-directory", str(target), *common, f"SEED={seed}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         assert json.loads(target.read_text())["seed"] == seed
-    again = subprocess.run(["make", "-q", "--no-print-directory", str(target), "PROFILE=tiny", "SMOKE=true",
-                            "SEED=1", f"RESULTS_ROOT={results}", f"PRODUCTS_ROOT={tmp_path / 'p'}"],
+        assert "pip install" not in out.stdout
+    again = subprocess.run(["make", "-q", "--no-print-directory", str(target), *common, "SEED=1"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0  # up to date
