@@ -21,6 +21,7 @@ traceback is in the executed notebook.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -107,6 +108,13 @@ def write_stamp(path: Path | str, params: dict) -> bool:
         root = Path(params["DATA_DIR"])
         files = [root / "train.json", *test_file_paths(root, params.get("TEST_FILES") or None)]
         doc["data_files"] = {str(f): (fingerprint([f]) if f.is_file() else "missing") for f in files}
+        # Images by name, size and modification time (hashing every image on each make call
+        # would cost seconds; a replaced image changes its size or time).
+        h = hashlib.sha256()
+        for img in sorted((root / "images").rglob("*")) if (root / "images").is_dir() else []:
+            st = img.stat()
+            h.update(f"{img.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        doc["images"] = h.hexdigest()[:16]
     text = json.dumps(doc, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
     path = Path(path)
     try:

@@ -277,3 +277,13 @@ def test_unusable_image_names_are_problems_not_crashes(tmp_path, name):
     (root / "train.json").write_text(json.dumps([image_record("good-1"), rec]), encoding="utf-8")
     kinds, report = _problem_kinds(root)
     assert kinds == ["bad_image_name"] and report.problems[0].record_id == "bad-1"
+
+
+def test_unlabelled_train_record_is_a_problem(tmp_path):
+    # An empty output is an unlabelled *test* record; in train it is a missing label.
+    root = make_mire(tmp_path / "d", [image_record("good-1"), image_record("bad-1", label="")],
+                     {"test1": [image_record("t-1", label="")]})
+    with pytest.raises(MireValidationError, match=r"train.json: record 'bad-1' \[missing_label\]"):
+        load_mire(root)
+    data = load_mire(root, strict=False)
+    assert [r.id for r in data.train] == ["good-1"] and data.tests["test1"][0].label is None

@@ -144,3 +144,9 @@ def test_real_run_seed1_beside_seed0(tmp_path):
     again = subprocess.run(["make", "-q", "--no-print-directory", str(target), *common, "SEED=1"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0  # up to date
+
+
+def test_replaced_image_reruns(setup):
+    repo, data, args, _ = setup
+    write_image(data / "images" / "a-1-0.jpg", size=(80, 80), color=(9, 9, 9))
+    assert _make(repo, *args)[0] == NOTEBOOKS

@@ -254,9 +254,10 @@ def read_json_list(path: Path) -> list:
 
 
 def load_split(path: Path | str, images_dir: Path | str | None = None, *, strict: bool = True,
-               decode_images: bool = True) -> tuple[list[Record], LoadReport]:
+               decode_images: bool = True, require_labels: bool = False) -> tuple[list[Record], LoadReport]:
     """Parse and validate one MIRE json file; images are looked up in ``images_dir``
-    (default: ``images/`` beside the file)."""
+    (default: ``images/`` beside the file). ``require_labels`` (train): a record with an
+    empty ``output`` is a problem (``missing_label``), not an unlabelled record."""
     path = Path(path)
     images_dir = Path(images_dir) if images_dir is not None else path.parent / "images"
     raw = read_json_list(path)
@@ -267,6 +268,9 @@ def load_split(path: Path | str, images_dir: Path | str | None = None, *, strict
     report, records, seen = LoadReport(n_read=len(raw)), [], set()
     for item in raw:
         rec, problems = _validate(item, path.name, images_dir.resolve(), seen, decode_images)
+        if rec is not None and rec.label is None and require_labels:
+            rec, problems = None, [Problem(path.name, rec.id, "missing_label",
+                                           "empty 'output': a training record needs its label")]
         report.problems += problems
         if rec is not None:
             records.append(rec)
@@ -342,7 +346,7 @@ def load_mire(root: Path | str, *, test_files: Sequence[str | Path] | None = Non
     if not root.is_dir():
         raise MireError(f"{root}: MIRE directory not found (expected train.json, test*.json, images/)")
     train, rep = load_split(root / "train.json", root / "images", strict=strict,
-                            decode_images=decode_images)
+                            decode_images=decode_images, require_labels=True)
     data = MireData(root=root, train=train, reports={"train": rep})
     for p in test_file_paths(root, test_files):
         images = p.parent / "images" if (p.parent / "images").is_dir() else root / "images"
