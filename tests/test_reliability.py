@@ -21,7 +21,7 @@ from kdsl_utils.data.mire import load_mire
 from kdsl_utils.knowledge import load_proba, save_proba
 from kdsl_utils.metrics import bootstrap_ci, metric_rows
 from kdsl_utils.models.base import Predictions
-from kdsl_utils.results import (ResultsFileError, RunLockedError, atomic_path, atomic_write, read_metrics,
+from kdsl_utils.results import (ResultsFileError, atomic_path, atomic_write, read_metrics,
                                 read_run_json, release_results, write_metrics, write_predictions)
 from kdsl_utils.rules.schema import RuleBase
 
