@@ -96,7 +96,7 @@ test: $(STAMP) ## run the test suite (unit tests + notebook smoke runs)
 
 figures: $(STAMP) ## regenerate figures and the README results section from results files
 	$(PY) -m kdsl_utils.notebooks 90_report --out "$(PRODUCTS_ABS)/report" -p RESULTS_DIR "$(RESULTS_ABS)" \
-	  -p FIGURES_DIR $(CURDIR)/figures -p README $(CURDIR)/README.md
+	  -p FIGURES_DIR "$(CURDIR)/figures" -p README "$(CURDIR)/README.md"
 
 lint: $(STAMP) ## ruff over the package and tests
 	$(PY) -m pip install -q ruff==0.17.5 && $(PY) -m ruff check kdsl_utils tests benchmarks
