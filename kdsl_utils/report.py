@@ -209,6 +209,14 @@ def time_table(paths: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def commits_line(paths: dict[str, Path]) -> str:
+    """The git commit(s) the runs in ``paths`` record in their ``run.json`` (what produced
+    the numbers, which may be older than the report)."""
+    full = {str(read_run_json(Path(p) / "run.json").get("git_commit", "unknown")) for p in paths.values()}
+    commits = sorted(c.split("-")[0][:12] + ("-dirty" if c.endswith("-dirty") else "") for c in full)
+    return ", ".join(f"`{c}`" for c in commits)
+
+
 def machine_line(paths: dict[str, Path]) -> str:
     """The machine the runs in ``paths`` report in their ``run.json`` (the first one's)."""
     run = read_run_json(Path(next(iter(paths.values()))) / "run.json")

@@ -248,3 +248,17 @@ def test_readme_keeps_sections_it_did_not_see(tmp_path):
     text = readme.read_text(encoding="utf-8")
     assert "real-data table" in text and "new synth" in text and "smoke" in text
     assert not report.write_readme_section(readme, "h", {})  # unchanged: not rewritten
+
+
+def test_report_notebook_keeps_readme_sections_of_unseen_runs(tmp_path):
+    """The issue's case: a report over a results root without the real-data runs (a smoke
+    run's root) keeps the README's real-data subsections."""
+    from kdsl_utils.notebooks import run_notebook
+
+    readme = tmp_path / "README.md"
+    readme.write_text(README, encoding="utf-8")
+    (tmp_path / "results" / "tiny" / "synthetic-smoke" / "seed0").mkdir(parents=True)
+    run_notebook("90_report", tmp_path / "products", {"RESULTS_DIR": str(tmp_path / "results"),
+                 "FIGURES_DIR": str(tmp_path / "figures"), "README": str(readme)}, html=False)
+    text = readme.read_text(encoding="utf-8")
+    assert "real-data table" in text and "synthetic table" in text and "No finished runs" not in text
