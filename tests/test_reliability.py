@@ -250,6 +250,7 @@ def test_readme_keeps_sections_it_did_not_see(tmp_path):
     assert not report.write_readme_section(readme, "h", {})  # unchanged: not rewritten
 
 
+@pytest.mark.slow
 def test_report_notebook_keeps_readme_sections_of_unseen_runs(tmp_path):
     """The issue's case: a report over a results root without the real-data runs (a smoke
     run's root) keeps the README's real-data subsections."""
