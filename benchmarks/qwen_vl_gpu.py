@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from kdsl_utils.config import ModelCfg
+from kdsl_utils.data.tokens import image_size, smart_resize
 from kdsl_utils.models import sft
 
 # Qwen2-VL special-token ids (shared by 2B and 7B)
@@ -218,8 +219,8 @@ def measure_shapes(records, mcfg: ModelCfg) -> list[Shape]:
         pieces = prompt.split(sft.VISION_PLACEHOLDER)
         grids = []
         for p in r.images:
-            h, w = sft.image_size(p)
-            rh, rw = sft.smart_resize(h, w, 28, mcfg.min_pixels, mcfg.max_pixels)
+            w, h = image_size(p)
+            rh, rw = smart_resize(h, w, 28, mcfg.min_pixels, mcfg.max_pixels)
             grids.append((1, rh // 14, rw // 14))
         labels = [n_tok(c) + 1 for c in r.candidates]
         shapes.append(

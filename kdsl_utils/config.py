@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from .hashing import json_digest
 
 PROFILES = ("paper", "mini", "tiny")
 
@@ -68,14 +73,9 @@ class AugmentCfg:
     Used by notebook 02 only; notebook 01's task mixes are the plain recipe. Copies are
     added per original record; 0 turns a kind off.
 
-    ``mini`` makes no resize copies. Measured with ``benchmarks/augment_realdata.py`` (real
-    MIRE, mini joint model on the fit part, seeds 0-2, pooled weighted F1 mean +- sd):
-    dev fold - none 0.661 +- 0.062, dialogue 0.655 +- 0.043, image 0.668 +- 0.033, both
-    0.679 +- 0.050; test1 - 0.717, 0.711, 0.699, 0.705. Every difference is below the
-    seed spread, and a resize copy is a new OCR (~1 s per screenshot: +6.4 min per seed on
-    2 cores, uncached because the scale is drawn per seed). OCR of a copy at 0.5x shares a
-    median 85% of its characters with the original, at 1.5x 98%, so the copies do vary
-    the OCR features; they just do not measurably help this small model."""
+    ``mini`` makes no resize copies: measured not to help the mini model (every difference
+    below the seed spread) while costing a new OCR per copy; the table is in
+    ``benchmarks/README.md`` ("Augmentation of the mini large model")."""
 
     image_copies: int = 1  # random-resize copies per image-task record
     scale: tuple[float, float] = (0.5, 1.5)  # resize factor range (aspect kept)
@@ -135,7 +135,7 @@ def _base(name: str) -> Profile:
     if name == "paper":
         return Profile(name="paper", backend="qwen_vl", device="cuda")
     if name == "mini":
-        # No resize copies in mini: measured, see the AugmentCfg docstring.
+        # No resize copies in mini: measured, see benchmarks/README.md (augmentation).
         return Profile(name="mini", backend="mini", device="cpu", seeds=(0, 1, 2),
                        augment=AugmentCfg(image_copies=0), rules=RulesCfg(proposer="data"))
     if name == "tiny":
@@ -197,11 +197,43 @@ def resolve(profile: str, **overrides: Any) -> Profile:
     return replace(cfg, **top)
 
 
-def default_profile() -> str:
-    """``paper`` where CUDA is visible, else ``mini`` (what ``make reproduce`` picks)."""
-    try:
-        import torch
+def overrides_tag(overrides: Mapping[str, Any] | None) -> str:
+    """``""`` without overrides, else ``"-ov"`` + 8 hex digits of the canonical JSON of the
+    overrides: the suffix of the profile segment of a results path, so that a run with
+    overrides never lands in (or is read as) the folder of the plain profile."""
+    return f"-ov{json_digest(dict(overrides), 8)}" if overrides else ""
 
-        return "paper" if torch.cuda.is_available() else "mini"
-    except ImportError:
-        return "mini"
+
+def results_profile(profile: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """The profile segment of ``results/<profile>/<data>/<notebook>/``: the profile's name,
+    suffixed by :func:`overrides_tag` (``mini-ov1a2b3c4d``) when overrides are given. The
+    overrides are validated first (unknown names raise :class:`ConfigError`)."""
+    resolve(profile, **dict(overrides or {}))
+    return profile + overrides_tag(overrides)
+
+
+def parse_overrides(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``OVERRIDES`` as papermill or make pass it: a dict, a JSON object string, or empty."""
+    if not text:
+        return {}
+    value = json.loads(text) if isinstance(text, str) else dict(text)
+    if not isinstance(value, dict):
+        raise ConfigError(f"OVERRIDES must be a JSON object, e.g. '{{\"train__epochs\": 5}}'; "
+                          f"got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kdsl_utils.config PROFILE [OVERRIDES_JSON]``: print the results-path
+    profile segment (used by the Makefile); exit 2 with the reason on unknown overrides."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        print(results_profile(args[0], parse_overrides(args[1] if len(args) > 1 else "")))
+    except (ConfigError, json.JSONDecodeError, IndexError) as e:
+        print(f"[kdsl] config: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,6 @@ processes (spawned, one ONNX thread each) behind a tqdm progress bar.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -36,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .hashing import json_digest, sha256_file, sha256_text
+from .threads import torch_threads
 
 CACHE_ENV = "KDSL_FEATURE_CACHE"
 
@@ -50,44 +52,6 @@ def default_cache_dir() -> Path:
     return base / ".cache" / "features"
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_hash(path: str | Path) -> str:
-    return sha256_bytes(Path(path).read_bytes())
-
-
-def _digest(obj: Any) -> str:
-    return sha256_text(json.dumps(obj, sort_keys=True, ensure_ascii=False))[:10]
-
-
-class torch_threads:
-    """Run a block with ``n`` torch intra-op threads (restored afterwards).
-
-    The models here are small: on a busy 2-core machine one thread is several times faster
-    per item than two (no spin-waiting), and results (hence cache entries) do not depend on
-    the machine's core count. Parallelism comes from processes instead (OCR workers).
-    """
-
-    def __init__(self, n: int = 1):
-        self.n = n
-
-    def __enter__(self):
-        import torch
-
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.old)
 
 
 # --------------------------------------------------------------------------------- cache
@@ -159,7 +123,7 @@ class Extractor:
 
     @cached_property
     def namespace(self) -> str:
-        return f"{self.name}-{self.version}-{_digest(self.params)}"
+        return f"{self.name}-{self.version}-{json_digest(self.params, 10)}"
 
 
 @dataclass(frozen=True)
@@ -384,7 +348,7 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
     ocr = extractor or RapidOcr()
     ns = ocr.namespace
     uniq = _unique(paths)
-    keys = {p: file_hash(p) for p in uniq}
+    keys = {p: sha256_file(p) for p in uniq}
     out: dict[Path, dict] = {}
     todo: dict[str, str] = {}  # hash -> one path with that content
     for p in uniq:
@@ -455,7 +419,7 @@ def embed_images(paths: Sequence[str | Path], cache: FeatureCache, *,
     """(len(paths), 1280) image embeddings, cached by image content."""
     emb = extractor or EfficientNetEmbedder()
     paths = [Path(p) for p in paths]
-    keys = [file_hash(p) for p in paths]
+    keys = [sha256_file(p) for p in paths]
     return _cached_batches(keys, cache, emb.namespace,
                            lambda idx: emb.batch([paths[i].read_bytes() for i in idx]),
                            emb.dim, batch_size, "image embeddings", progress)

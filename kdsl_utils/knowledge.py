@@ -48,7 +48,7 @@ def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequen
 
     import torch
 
-    from .seesaw import make_backend
+    from .models.registry import make_backend
 
     model = make_backend(cfg)
     log = model.fit(train, mix="joint", seed=seed, out_dir=out_dir)

@@ -8,9 +8,9 @@
 * Per task: weighted F1 and macro F1 over that task's records. Macro F1 averages over the
   labels present in ``y_true`` or ``y_pred`` of those records (scikit-learn's default label
   set), so a label predicted but never true counts as an F1 of 0.
-* Per-class report, confusion matrix, and seeded percentile bootstrap confidence intervals
-  (records resampled with replacement; pooled and per-task metrics of one resample are
-  computed together). :func:`weighted_f1` / :func:`macro_f1` here are vectorised numpy
+* Seeded percentile bootstrap confidence intervals (records resampled with replacement;
+  pooled and per-task metrics of one resample are computed together). The F1s here are
+  vectorised numpy
   re-implementations of scikit-learn's (tested equal) so that 1000 resamples take well under
   a second.
 """
@@ -88,17 +88,6 @@ def weighted_f1_idx(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int = len(
     return _weighted(*_per_class(y_true, y_pred, n_labels + 1))
 
 
-def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
-    """``f1_score(average="macro")`` over the labels in ``y_true`` or ``y_pred``."""
-    t, p, labels = _encode(y_true, y_pred)
-    return _macro(*_per_class(t, p, len(labels)))
-
-
-def accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
-    t, p, _ = _encode(y_true, y_pred)
-    return float((t == p).mean()) if len(t) else 0.0
-
-
 def labelled_only(y_true: Sequence[str | None], y_pred: Sequence[str],
                   tasks: Sequence[str] | None = None) -> tuple[list[str], list[str], list[str] | None]:
     """The records that have a gold label (None or NaN marks an unlabelled one, e.g. a
@@ -151,41 +140,6 @@ def evaluate_predictions(preds, records) -> dict[str, float]:
     if any(y is None for y in y_true):
         raise ValueError("records without a label cannot be evaluated")
     return evaluate(y_true, preds.pred, preds.tasks)
-
-
-def per_class_report(
-    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None
-) -> pd.DataFrame:
-    """precision, recall, f1, support, predicted per label (rows in registry order)."""
-    t, p, labs = _encode(y_true, y_pred, labels)
-    tp, support, predicted = _per_class(t, p, len(labs))
-    prec = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    rec = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    return pd.DataFrame(
-        {
-            "label": labs,
-            "task": [LABEL_TO_TASK.get(x, "") for x in labs],
-            "precision": prec,
-            "recall": rec,
-            "f1": _f1(tp, support, predicted),
-            "support": support.astype(int),
-            "predicted": predicted.astype(int),
-        }
-    )
-
-
-def confusion(
-    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None
-) -> tuple[np.ndarray, list[str]]:
-    """Counts ``C[i, j]`` = records with true label i predicted as j, and the label order.
-
-    ``labels`` defaults to the labels seen, in registry order; pass ``LABELS[task]`` for a
-    fixed per-task layout.
-    """
-    t, p, labs = _encode(y_true, y_pred, labels)
-    c = np.zeros((len(labs), len(labs)), dtype=np.int64)
-    np.add.at(c, (t, p), 1)
-    return c, labs
 
 
 def bootstrap_ci(
@@ -258,13 +212,9 @@ def metric_rows(
 __all__ = [
     "LABELS",
     "POOLED",
-    "accuracy",
     "bootstrap_ci",
-    "confusion",
     "evaluate",
     "evaluate_predictions",
-    "macro_f1",
     "metric_rows",
-    "per_class_report",
     "weighted_f1",
 ]

@@ -6,7 +6,7 @@ was drawn from. Chinese labels render with the project's CJK font.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .fonts import setup_matplotlib_cjk  # noqa: E402
-from .results import atomic_path  # noqa: E402
+from .results import atomic_path, read_metrics, read_table  # noqa: E402
 
 
 def style() -> None:
@@ -156,3 +156,21 @@ def search_curve(iterations: pd.DataFrame, title: str = "") -> plt.Figure:
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def report_figures(paths: Mapping[str, Path], fig_dir: Path | str, label: str) -> list[Path]:
+    """Notebook 90's figures of one (profile, data, seed) group, from its results files only
+    (each validated; a bad one is named): seesaw and interference (01), search curve (02).
+    ``paths``: experiment -> results folder."""
+    fig_dir = Path(fig_dir)
+    made = []
+    if "01_seesaw" in paths:
+        m01 = read_metrics(Path(paths["01_seesaw"]) / "metrics.csv")
+        made.append(save(seesaw(m01, title=f"Seesaw ({label})"), fig_dir / "seesaw.png"))
+        inter = read_table(Path(paths["01_seesaw"]) / "interference.csv", ["layer"])
+        made.append(save(interference(inter, title=f"Interference ({label})"),
+                         fig_dir / "interference.png"))
+    if "02_mcts_rules" in paths:
+        it = read_table(Path(paths["02_mcts_rules"]) / "iterations.csv", ["best_reward"])
+        made.append(save(search_curve(it, title=f"MCTS ({label})"), fig_dir / "search_curve.png"))
+    return made

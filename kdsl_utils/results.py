@@ -1,6 +1,6 @@
 """Results as files with a stated schema (DESIGN.md, Conventions).
 
-Every run notebook writes, under ``results/<profile>/<data>/seed<N>/<experiment>/``:
+Every run notebook writes, under ``results/<profile>[-ov<hash>]/<data>/seed<N>/<experiment>/``:
 
 * ``metrics.csv`` — tidy, one number per row:
   ``experiment, variant, seed, split, task, metric, value``
@@ -21,7 +21,6 @@ and a bad one is named (:class:`ResultsFileError`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from .data.labels import ALL_LABELS
+from .hashing import files_digest
 
 METRICS_COLUMNS = ["experiment", "variant", "seed", "split", "task", "metric", "value"]
 PACKAGES = ("kdsl-utils", "torch", "transformers", "peft", "accelerate", "datasets", "numpy",
@@ -210,11 +210,7 @@ def device_info() -> dict[str, Any]:
 
 def fingerprint(paths: Iterable[Path | str]) -> str:
     """sha256 over the bytes of the given files (order-independent), first 16 hex digits."""
-    h = hashlib.sha256()
-    for p in sorted(Path(x) for x in paths):
-        h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()[:16]
+    return files_digest(paths, 16)
 
 
 @dataclass

@@ -13,6 +13,7 @@ which every metric is computed, and the weight updates of each run for
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,39 +21,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from .config import Profile
-from .data.labels import ALL_LABELS
 from .data.records import Record
+from .interference import interference_table
 from .metrics import metric_rows
 from .models.base import MIXES, Predictions, mix_tasks, select_mix
+from .models.registry import make_backend
 
 
-def make_backend(cfg: Profile, **kwargs):
-    """The backend of a profile: ``mini`` → MiniBackend, else the Qwen2-VL backend."""
-    if cfg.backend == "mini":
-        from .models.mini import MiniBackend
-
-        return MiniBackend(cfg, **kwargs)
-    from .models.qwen_vl import QwenVLBackend
-
-    return QwenVLBackend(cfg, **kwargs)
-
-
-def predictions_frame(preds: Predictions, records: Sequence[Record], **keys) -> pd.DataFrame:
-    """One row per record: ``keys`` columns, id, task, label, pred, p_pred (its probability),
-    p_label (probability of the true label)."""
-    gold = {r.id: r.label for r in records}
-    cols = {lab: i for i, lab in enumerate(ALL_LABELS)}
-    pred = preds.pred
-    rows = []
-    for i, (rid, task) in enumerate(zip(preds.ids, preds.tasks)):
-        lab = gold[rid]
-        rows.append({**keys, "id": rid, "task": task, "label": lab, "pred": pred[i],
-                     "p_pred": float(preds.proba[i].max()),
-                     "p_label": float(preds.proba[i, cols[lab]]) if lab is not None else np.nan})
-    return pd.DataFrame(rows)
+def predictions_frame(preds: Predictions, **keys) -> pd.DataFrame:
+    """One row per record: ``keys`` columns, id, task, label (gold, None if unlabelled),
+    pred, p_pred (its probability), p_label (probability of the gold label, NaN if none)."""
+    gold_idx = preds.gold_idx
+    rows = np.arange(len(preds.ids))
+    p_label = np.where(gold_idx >= 0, preds.proba[rows, np.maximum(gold_idx, 0)], np.nan)
+    return pd.DataFrame({**{k: [v] * len(rows) for k, v in keys.items()}, "id": preds.ids,
+                         "task": preds.tasks, "label": preds.gold, "pred": preds.pred,
+                         "p_pred": preds.proba.max(axis=1),
+                         "p_label": p_label})
 
 
 @dataclass
@@ -62,10 +51,23 @@ class SeesawRun:
     deltas: dict[tuple[int, str], Mapping[str, np.ndarray]] = field(default_factory=dict)
 
 
+def release(backend) -> None:
+    """Drop a fitted backend's model and free its memory (garbage collection for peft's
+    reference cycles, then the CUDA cache), so that the next fit never finds a second large
+    model alive: at 7B two would not fit on one GPU."""
+    backend.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequence[Record]], *,
                seeds: Sequence[int], mixes: Sequence[str] = MIXES, work_dir: Path | None = None,
                backend_kwargs: Mapping | None = None) -> SeesawRun:
-    """Fit every mix for every seed on ``train`` and predict the matching test records."""
+    """Fit every mix for every seed on ``train`` and predict the matching test records.
+
+    One model at a time: each fitted backend is released (:func:`release`) once its
+    predictions and weight update are taken."""
     preds, fits, deltas = [], [], {}
     jobs = [(s, m) for s in seeds for m in mixes]
     for seed, mix in tqdm(jobs, desc="seesaw fits", unit="fit"):
@@ -79,12 +81,14 @@ def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequen
         t0 = time.time()
         for split, recs in tests.items():
             recs = [r for r in recs if r.task in mix_tasks(mix)]
-            preds.append(predictions_frame(backend.predict_proba(recs), recs,
+            preds.append(predictions_frame(backend.predict_proba(recs),
                                            seed=seed, variant=mix, split=split))
         fits.append({"seed": seed, "variant": mix, "n_train": len(select_mix(train, mix)),
                      "fit_seconds": round(t_fit, 2), "predict_seconds": round(time.time() - t0, 2),
                      "final_loss": log.final_loss, "steps": log.steps})
         deltas[(seed, mix)] = backend.update_delta()
+        release(backend)
+        del backend
     pred = pd.concat(preds, ignore_index=True)
     pair = pred[((pred.variant == "image") & (pred.task == "image"))
                 | ((pred.variant == "intent") & (pred.task == "intent"))].assign(variant="single_pair")
@@ -108,12 +112,10 @@ def metrics_from_predictions(pred: pd.DataFrame, experiment: str) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def load_backend(cfg: Profile, path: Path):
-    """A backend saved by ``backend.save(path)``, for the profile's backend type."""
-    if cfg.backend == "mini":
-        from .models.mini import MiniBackend
-
-        return MiniBackend.load(path, cfg)
-    from .models.qwen_vl import QwenVLBackend
-
-    return QwenVLBackend.load(path, cfg)
+def interference_over_seeds(deltas: Mapping[tuple[int, str], Mapping[str, np.ndarray]],
+                            seeds: Sequence[int]) -> pd.DataFrame:
+    """:func:`kdsl_utils.interference.interference_table` of every seed's image-only,
+    intent-only and joint updates (``SeesawRun.deltas``), stacked with a ``seed`` column."""
+    tables = [interference_table(deltas[(s, "image")], deltas[(s, "intent")],
+                                 deltas[(s, "joint")]).assign(seed=s) for s in seeds]
+    return pd.concat(tables, ignore_index=True)

@@ -2,18 +2,19 @@
 open the results folder. Keeps the notebooks free of set-up code (and of copies of it).
 
     S = session.start("01_seesaw", profile=PROFILE, data_dir=DATA_DIR, seed=SEED, smoke=SMOKE,
-                      results_dir=RESULTS_DIR, test_files=TEST_FILES)
+                      results_dir=RESULTS_DIR, test_files=TEST_FILES, overrides=OVERRIDES)
     ...
     S.save_metrics(rows)   # metrics.csv
     S.finish()             # run.json, last
 
-A run owns its results folder ``results/<profile>/<data>/seed<N>/`` while it runs (a lock:
+A run owns its results folder ``results/<profile>[-ov<hash>]/<data>/seed<N>/`` while it runs (a lock:
 a second run on the same folder stops with a message naming the first), and removes its own
 ``run.json`` when it starts, so a run killed half-way is never taken for a finished one.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ from typing import Any
 
 import pandas as pd
 
-from .config import Profile, resolve
+from .config import Profile, parse_overrides, resolve, results_profile
 from .data.mire import MireData, test_file_paths
 from .data.source import DataSource, load_source, resolve_data
+from .features import EXTRACTION_LOG
 from .results import (RunLog, fingerprint, lock_results, read_run_json, release_results, run_dir,
                       write_metrics)
 
@@ -35,11 +37,12 @@ class Session:
     cfg: Profile
     src: DataSource
     data: MireData
-    out: Path  # results/<profile>/<data>/seed<N>/<experiment>
+    out: Path  # results/<profile>[-ov<hash>]/<data>/seed<N>/<experiment>
     results_root: Path
     seed: int
     smoke: bool
     log: RunLog
+    overrides: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -47,7 +50,13 @@ class Session:
         """What produced the numbers: shown under every table and figure."""
         return (f"profile={self.cfg.name}, data={self.src.tag}"
                 f"{' (synthetic generator)' if self.src.synthetic else ''}, seed={self.seed}"
-                f"{', SMOKE' if self.smoke else ''}")
+                f"{', SMOKE' if self.smoke else ''}"
+                f"{', overrides ' + json.dumps(self.overrides) if self.overrides else ''}")
+
+    @property
+    def profile_dir(self) -> str:
+        """The profile segment of this run's results path (``mini``, ``mini-ov1a2b3c4d``)."""
+        return results_profile(self.cfg.name, self.overrides)
 
     @property
     def unlabelled(self) -> list[str]:
@@ -55,8 +64,8 @@ class Session:
         return [s for s, recs in self.data.tests.items() if all(r.label is None for r in recs)]
 
     def upstream(self, experiment: str) -> Path:
-        """Results folder of an earlier notebook for the same profile, data and seed; its
-        ``run.json`` must be a complete one (validated)."""
+        """Results folder of an earlier notebook for the same profile (and overrides), data and
+        seed; its ``run.json`` must be a complete one (validated)."""
         p = self.out.parent / experiment
         if not (p / "run.json").is_file():
             raise FileNotFoundError(f"{p}/run.json not found: run notebook {experiment} first "
@@ -72,8 +81,6 @@ class Session:
         """Write ``run.json`` — last: it is the Makefile's target, so it marks a complete run."""
         if not (self.out / "metrics.csv").is_file():
             raise RuntimeError(f"{self.out}: save_metrics() before finish()")
-        from .features import EXTRACTION_LOG
-
         self.log.extra.update(self.extra)
         # Where the time went: OCR / embeddings computed here vs read from the cache.
         self.log.extra["feature_extraction"] = {k: dict(v) for k, v in EXTRACTION_LOG.items()}
@@ -84,25 +91,28 @@ class Session:
 
 def start(experiment: str, *, profile: str, data_dir: str | None, seed: int, smoke: bool,
           results_dir: str | Path, test_files: Sequence[str] | None = None,
-          overrides: Mapping[str, Any] | None = None) -> Session:
+          overrides: Mapping[str, Any] | str | None = None) -> Session:
     """Resolve config and data for a notebook run; seeds Python's RNG; opens the run folder
-    ``results_dir/<profile>/<data>/seed<seed>/<experiment>`` (locked for this run, its old
-    ``run.json`` removed). ``test_files``: split names or json paths (``~`` and relative
-    paths accepted); a single string is one test file."""
-    from .features import EXTRACTION_LOG
+    ``results_dir/<profile>[-ov<hash>]/<data>/seed<seed>/<experiment>`` (locked for this run,
+    its old ``run.json`` removed). ``test_files``: split names or json paths (``~`` and
+    relative paths accepted); a single string is one test file.
 
-    overrides = dict(overrides or {})
+    ``overrides`` (the notebooks' ``OVERRIDES``: a dict or its JSON text) are validated by
+    :func:`config.resolve`; a run with overrides writes under ``<profile>-ov<hash>`` (see
+    :func:`config.results_profile`) and records them in ``run.json``."""
+    overrides = parse_overrides(overrides)
     EXTRACTION_LOG.clear()  # counts from here to finish() belong to this run
     cfg = resolve(profile, **overrides)
     random.seed(seed)
     src = resolve_data(data_dir, seed=seed, smoke=smoke)
     root = Path(results_dir).expanduser().resolve()
+    pdir = results_profile(cfg.name, overrides)
     try:
-        out = run_dir(root, cfg.name, src.tag, experiment, seed=seed)
+        out = run_dir(root, pdir, src.tag, experiment, seed=seed)
         lock_results(out.parent, experiment=experiment)
         (out / "run.json").unlink(missing_ok=True)  # from here on this run is not finished
     except OSError as e:
-        raise OSError(f"cannot write the results folder {root / cfg.name / src.tag} "
+        raise OSError(f"cannot write the results folder {root / pdir / src.tag} "
                       f"(RESULTS_DIR={results_dir}): {e.strerror or e}") from e
     if isinstance(test_files, str | Path):
         test_files = [test_files]
@@ -126,4 +136,4 @@ def start(experiment: str, *, profile: str, data_dir: str | None, seed: int, smo
                         "leakage": {k: sum(p.kind == k for p in data.leaks)
                                     for k in ("id_in_train", "image_in_train")}})
     return Session(experiment=experiment, cfg=cfg, src=src, data=data, out=out,
-                   results_root=root, seed=seed, smoke=smoke, log=log)
+                   results_root=root, seed=seed, smoke=smoke, log=log, overrides=overrides)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny hand-made MIRE directories and the real data location."""
+"""Shared fixtures: tiny hand-made MIRE directories, the real data location, test tiers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ from kdsl_utils.data.prompts import image_instruction, intent_instruction
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MIRE = Path(os.environ.get("KDSL_MIRE_DIR", REPO.parent / "shared" / "mire"))
+
+
+TIERS = ("unit", "smoke", "realdata")
+
+
+def pytest_collection_modifyitems(items):
+    """A test without a tier marker is a unit test (``make test-unit`` / ``-m unit``)."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
 
 
 def real_mire_dir() -> Path:

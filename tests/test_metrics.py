@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, f1_score
 
 from kdsl_utils.data.labels import ALL_LABELS, IMAGE_LABELS, INTENT_LABELS, LABEL_TO_TASK
 from kdsl_utils.metrics import (
-    accuracy,
     bootstrap_ci,
-    confusion,
     evaluate,
     evaluate_predictions,
-    macro_f1,
     metric_rows,
-    per_class_report,
     weighted_f1,
 )
 from kdsl_utils.models.base import Predictions
@@ -38,12 +34,11 @@ def test_hand_computed_values():
     assert ev["accuracy"] == pytest.approx(3 / 6)
     assert ev["image_n"] == 4 and ev["intent_n"] == 2
     assert weighted_f1(TRUE, PRED) == pytest.approx(7 / 18)
-    assert accuracy(TRUE, PRED) == 0.5
 
 
 def test_predicted_only_label_weight_zero_but_counts_in_macro():
     assert weighted_f1([A, A], [A, D]) == pytest.approx(2 / 3)
-    assert macro_f1([A, A], [A, D]) == pytest.approx(1 / 3)
+    assert evaluate([A, A], [A, D])["image_macro_f1"] == pytest.approx(1 / 3)
 
 
 def test_equals_sklearn_on_random_data():
@@ -60,8 +55,8 @@ def test_equals_sklearn_on_random_data():
             for y in t
         ]
         assert weighted_f1(t, p) == pytest.approx(f1_score(t, p, average="weighted"), abs=1e-12)
-        assert macro_f1(t, p) == pytest.approx(f1_score(t, p, average="macro"), abs=1e-12)
         ev = evaluate(t, p)
+        assert ev["accuracy"] == pytest.approx(accuracy_score(t, p))
         for task in ("image", "intent"):
             m = [LABEL_TO_TASK[y] == task for y in t]
             tt = [y for y, k in zip(t, m) if k]
@@ -71,23 +66,6 @@ def test_equals_sklearn_on_random_data():
                     f1_score(tt, pp, average="weighted")
                 )
                 assert ev[f"{task}_macro_f1"] == pytest.approx(f1_score(tt, pp, average="macro"))
-
-
-def test_per_class_report_and_confusion():
-    rep = per_class_report(TRUE, PRED).set_index("label")
-    assert rep.loc[A, "f1"] == pytest.approx(0.5)
-    assert rep.loc[B, "precision"] == pytest.approx(0.5) and rep.loc[B, "recall"] == 1.0
-    assert rep.loc[C, "f1"] == 0 and rep.loc[C, "support"] == 1 and rep.loc[C, "predicted"] == 0
-    assert rep.loc[X, "task"] == "intent"
-    assert list(rep.index) == [A, B, C, X, Y]  # registry order
-    c, labs = confusion(TRUE, PRED)
-    assert labs == [A, B, C, X, Y]
-    assert c.tolist() == confusion_matrix(TRUE, PRED, labels=labs).tolist()
-    assert c[labs.index(C), labs.index(A)] == 1 and c.sum() == len(TRUE)
-    c_img, labs_img = confusion(TRUE[:4], PRED[:4], labels=IMAGE_LABELS)
-    assert c_img.shape == (25, 25) and labs_img == list(IMAGE_LABELS)
-    with pytest.raises(ValueError, match="not in the label list"):
-        confusion([X], [X], labels=IMAGE_LABELS)
 
 
 def test_bootstrap_seeded_and_sane():

@@ -31,6 +31,7 @@ from kdsl_utils.models.qwen_vl import (
     lora_deltas,
     lora_target_regex,
     prepare_for_finetune,
+    quantization_config,
 )
 from kdsl_utils.models.scoring import (
     CandidateTrie,
@@ -41,6 +42,8 @@ from kdsl_utils.models.scoring import (
     score_candidates,
     score_candidates_naive,
 )
+from kdsl_utils.models.hf_train import (DONE_FILE, resumable_checkpoint, run_fingerprint,
+                                        train_sft, trainable_state)
 from kdsl_utils.models.tiny import tiny_model_dir
 
 # One xdist worker runs the whole module: its fixtures (synthetic data, the twin, a
@@ -201,15 +204,27 @@ def _long_dialogue(tmp_path: Path, n_turns=8, rid="a" * 30) -> list:
     return load_split(tmp_path / "train.json")[0]
 
 
-def test_smart_resize_matches_transformers():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+def test_planned_visual_tokens_equal_the_processor(base, tmp_path):
+    """The planner's token count (image header + transformers' smart_resize) equals what the
+    image processor produces, for non-square sizes both ways round (a (w, h) / (h, w) mix-up
+    fails here)."""
+    from kdsl_utils.data.tokens import image_size, visual_tokens
 
+    _, proc, enc = base
+    ip = proc.image_processor
     rng = np.random.default_rng(0)
-    for h, w in rng.integers(20, 3000, size=(200, 2)):
-        for lo, hi in ((4 * 784, 16 * 784), (64 * 784, 768 * 784)):
-            assert sft.smart_resize(int(h), int(w), 28, lo, hi) == smart_resize(
-                int(h), int(w), 28, lo, hi
-            )
+    for k, (w, h) in enumerate(rng.integers(20, 700, size=(12, 2))):
+        if w == h:
+            continue
+        p = _write_img(tmp_path / f"{k}.png", (int(w), int(h)), seed=k)
+        assert image_size(p) == (w, h)
+        for lo, hi in ((enc.min_pixels, enc.max_pixels), (4 * 784, 64 * 784)):
+            grid = ip(images=[Image.open(p).convert("RGB")],
+                      size={"shortest_edge": lo, "longest_edge": hi})["image_grid_thw"]
+            want = int(grid.prod()) // (ip.merge_size ** 2)
+            assert visual_tokens(int(w), int(h), lo, hi) == want, (w, h, lo, hi)
+            if lo == enc.min_pixels:  # the encoder's own bounds: its cached-size path too
+                assert enc.n_image_tokens(p, hi) == want, (w, h, hi)
 
 
 def test_chat_format_equals_qwen2vl_template(train_set, base):
@@ -380,9 +395,60 @@ def test_truncation_never_cuts_image_tokens(tmp_path, base, expect):
     assert d["n_text_cut"] == (expect in ("text", "over_limit"))
     if expect == "full":
         assert plan.instruction == rec.instruction and plan.images == rec.images
-    ds = sft.SFTDataset([rec], enc)
+    ds, ds_report = sft.sft_dataset([rec], enc)
     assert len(ds) == (0 if expect == "over_limit" else 1)
-    assert ds.report.as_dict()["n_dropped"] == (expect == "over_limit")
+    assert ds_report.as_dict()["n_dropped"] == (expect == "over_limit")
+
+
+class _CountingTokenizer:
+    """The encoder's tokenizer, counting the characters it is asked to tokenise."""
+
+    def __init__(self, tok):
+        self._tok, self.chars = tok, 0
+
+    def __call__(self, text, **kw):
+        self.chars += sum(map(len, text)) if isinstance(text, list) else len(text)
+        return self._tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def _turn_by_turn(enc, rec):
+    """Reference for the ``turns`` rule: drop one turn at a time, re-measuring each time."""
+    budget = enc.max_length - enc.answer_reserve(rec.candidates)
+    images, instr = list(rec.images), rec.instruction
+    n = enc._measure(instr, images, enc.max_pixels)[2]
+    head, blocks, tail = sft._split_dialogue(instr)
+    keep = max(i for i, b in enumerate(blocks) if b.startswith("用户"))
+    h, d = head.count("<image>"), 0
+    while keep > 0 and n > budget:
+        k = blocks.pop(0).count("<image>")
+        del images[h:h + k]
+        keep, d = keep - 1, d + 1
+        instr = head + "".join(blocks) + tail
+        n = enc._measure(instr, images, enc.max_pixels)[2]
+    return d, instr, tuple(images)
+
+
+def test_planning_is_linear_and_equals_turn_by_turn(tmp_path, base):
+    """Dropping turns: the same plan as the turn-by-turn reference, for every budget, while
+    the characters tokenised stay a small multiple of the prompt's (the old loop
+    re-tokenised the whole prompt per dropped turn: quadratic)."""
+    _, proc, _ = base
+    rec = _long_dialogue(tmp_path, n_turns=16)[0]
+    for max_length in range(300, 2000, 97):
+        enc = _encoder(proc, max_length)
+        plan = enc.plan(rec)
+        if "turns" in plan.rules and plan.status == "turns":
+            d, instr, imgs = _turn_by_turn(enc, rec)
+            assert (plan.turns_dropped, plan.instruction, plan.images) == (d, instr, imgs)
+    enc = _encoder(proc, 600)
+    counter = _CountingTokenizer(enc.tokenizer)
+    enc.tokenizer = counter
+    plan = enc.plan(rec)
+    assert plan.turns_dropped > 20, plan.turns_dropped
+    assert counter.chars < 4 * len(rec.instruction), (counter.chars, len(rec.instruction))
 
 
 def test_hub_layout_processor_loading(tmp_path, base):
@@ -451,9 +517,35 @@ def test_finetune_modes(base):
     qlora = replace(m, finetune="qlora")
     with pytest.raises((ImportError, RuntimeError), match="bitsandbytes|CUDA"):
         load_model(d, qlora)
+    # the 4-bit configuration itself is built (and is what a GPU run loads with)
+    q = quantization_config(replace(qlora, dtype="bfloat16"))
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert set(q.llm_int8_skip_modules) == {"visual", "lm_head"}
 
 
 # --------------------------------------------------------------------------- training
+def evaluate_loss(model, encoder, records, *, batch_size: int = 4) -> float:
+    """Mean answer-token negative log-likelihood (the training objective) over ``records``,
+    in eval mode (no dropout), summed over tokens and divided once (not a mean of batch means)."""
+    ds, _ = sft.sft_dataset(records, encoder)
+    collate = sft.SFTCollator(encoder, padding_side="right")
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ds), batch_size):
+            b = collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
+            labels = b.pop("labels")
+            lp = torch.log_softmax(model(**b).logits.float()[:, :-1], dim=-1)
+            tgt = labels[:, 1:]
+            m = tgt != -100
+            total -= lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)[m].sum().item()
+            n += int(m.sum())
+    model.train(was_training)
+    return total / max(n, 1)
+
+
 def test_training_loss_falls(trained, base, train_set):
     backend, info, run = trained
     curve = [c["loss"] for c in info.extra["loss_curve"]]
@@ -462,8 +554,6 @@ def test_training_loss_falls(trained, base, train_set):
     assert np.isfinite(curve).all()
     assert np.mean(curve[-3:]) < np.mean(curve[:3]) - 0.3, curve
     # the objective itself, measured without dropout or batch noise, before and after
-    from kdsl_utils.train import evaluate_loss
-
     before = evaluate_loss(load_model(base[0], CFG.model), base[2], train_set)
     after = evaluate_loss(backend.model, backend.encoder, train_set)
     assert after < before - 0.5, (before, after)
@@ -487,9 +577,62 @@ def test_resume_continues_exactly(trained, train_set, cache, tmp_path):
         assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-5), (s, a, b)
 
 
-def test_checkpoint_of_another_run_is_not_resumed(trained, train_set, tmp_path):
-    from kdsl_utils.train import resumable_checkpoint, run_fingerprint
+def test_finished_training_is_loaded_not_continued(train_set, cache, held, tmp_path):
+    """A rerun on the directory of a finished run loads its weights: no step 9, the same
+    model bit for bit, the same recorded loss curve. Six records: 3 steps per epoch, so
+    max_steps 8 ends inside an epoch (where the Trainer, resumed from checkpoint-8, used to
+    train step 9, then 10 on the next rerun)."""
+    recs, run = train_set[:6], tmp_path / "run"
+    backend = QwenVLBackend(CFG, cache_dir=cache)
+    info = backend.fit(recs, mix="joint", seed=0, out_dir=run)
+    assert info.steps == CFG.train.max_steps and not info.extra["loaded_finished"]
+    for _ in range(2):  # every rerun, not only the first
+        b2 = QwenVLBackend(CFG, cache_dir=cache)
+        info2 = b2.fit(recs, mix="joint", seed=0, out_dir=run)
+        assert info2.steps == CFG.train.max_steps, info2.steps
+        assert info2.extra["loaded_finished"] and info2.losses == info.losses
+        assert not list(run.glob(f"checkpoint-{CFG.train.max_steps + 1}"))
+        a, b = trainable_state(backend.model), trainable_state(b2.model)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    held_recs = _pick(held, 1, 1)
+    np.testing.assert_array_equal(b2.predict_proba(held_recs).proba,
+                                  backend.predict_proba(held_recs).proba)
+    # another seed on the same directory is another run: trained afresh, not loaded
+    with pytest.warns(UserWarning, match="different run"):
+        info3 = QwenVLBackend(CFG, cache_dir=cache).fit(recs, mix="joint", seed=1, out_dir=run)
+    assert not info3.extra["loaded_finished"] and info3.losses != info.losses
 
+
+def test_crash_mid_training_resumes_bit_for_bit(trained, train_set, base, tmp_path):
+    """Interrupted at step 6 (last checkpoint: step 4), then rerun: the same weights as the
+    uninterrupted run, bit for bit (CPU, tiny twin)."""
+    from transformers import TrainerCallback
+
+    backend, info, _ = trained
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 6:
+                raise KeyboardInterrupt("simulated crash at step 6")
+
+    def fresh():
+        return prepare_for_finetune(load_model(base[0], CFG.model), CFG.model, seed=0)
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
+        train_sft(fresh(), base[2], train_set, CFG.train, seed=0, out_dir=run, progress=False,
+                  callbacks=[Crash()])
+    assert not (run / DONE_FILE).exists() and (run / "checkpoint-4").is_dir()
+    model = fresh()
+    res = train_sft(model, base[2], train_set, CFG.train, seed=0, out_dir=run, progress=False)
+    assert res.resumed_from.endswith("checkpoint-4") and res.steps == info.steps
+    a, b = trainable_state(backend.model), trainable_state(model)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert [c["loss"] for c in res.loss_curve] == list(info.losses)
+
+
+def test_checkpoint_of_another_run_is_not_resumed(trained, train_set, tmp_path):
     _, _, run = trained
     run2 = tmp_path / "run"
     shutil.copytree(run / "checkpoint-4", run2 / "checkpoint-4")
@@ -697,22 +840,39 @@ def test_full_finetune_fit_save_load(train_set, cache, tmp_path):
 
 
 def test_accelerate_configs(tmp_path, capsys):
-    """The documented multi-GPU configs are valid YAML that accelerate's loader accepts."""
-    yaml = pytest.importorskip("yaml")
+    """The checked-in multi-GPU recipes (recipes/accelerate/*.yaml) load, pass accelerate's
+    own loader, wrap layer classes that exist in Qwen2-VL, and can be re-written for
+    another process count."""
+    import yaml
     from accelerate.commands.config.config_args import ClusterConfig
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-    from kdsl_utils.train import main, write_accelerate_config
+    from kdsl_utils.models.launch import (RECIPES, accelerate_config, accelerate_config_path,
+                                          main, validate_accelerate_config,
+                                          write_accelerate_config)
 
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == ["fsdp.yaml", "zero3.yaml"]
     for kind, dist in (("fsdp", "FSDP"), ("zero3", "DEEPSPEED")):
+        raw = yaml.safe_load(accelerate_config_path(kind).read_text())
+        assert raw["distributed_type"] == dist and raw["mixed_precision"] == "bf16"
+        assert ClusterConfig.from_yaml_file(str(accelerate_config_path(kind))).num_processes == 8
         path = write_accelerate_config(tmp_path / f"{kind}.yaml", kind, num_processes=4)
         cfg = yaml.safe_load(path.read_text())
         assert cfg["distributed_type"] == dist and cfg["num_processes"] == 4
-        loaded = ClusterConfig.from_yaml_file(str(path))
-        assert loaded.num_processes == 4
+        assert ClusterConfig.from_yaml_file(str(path)).num_processes == 4
+    wrap = accelerate_config("fsdp")["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+    for cls in wrap.split(","):
+        assert hasattr(modeling_qwen2_vl, cls), cls
+    assert accelerate_config("zero3", grad_accum=2)["deepspeed_config"]["gradient_accumulation_steps"] == 2
     assert main(["--write-accelerate-config", "fsdp", "--num-processes", "2"]) == 0
-    assert "fsdp_transformer_layer_cls_to_wrap: Qwen2VLDecoderLayer" in capsys.readouterr().out
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["num_processes"] == 2 and "Qwen2VLDecoderLayer" in out["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
     with pytest.raises(ValueError, match="unknown accelerate config"):
         write_accelerate_config(tmp_path / "x.yaml", "zero2")
+    with pytest.raises(ValueError, match="not DEEPSPEED"):
+        validate_accelerate_config({**accelerate_config("fsdp")}, "zero3")
+    with pytest.raises(ValueError, match="unknown accelerate config keys"):  # not ignored
+        validate_accelerate_config({**accelerate_config("fsdp"), "num_processs": 2}, "fsdp")
 
 
 def test_twin_is_independent_of_the_split(cache, base, train_set):
@@ -732,3 +892,106 @@ def test_small_model_generator(cache):
     out = generate("请为标签“商品材质”写一条规则。对话：用户: <image> 这是什么材质")
     assert isinstance(out, str)
     assert count_tokens("商品材质") > 0 and count_tokens("") == 0
+
+
+def test_plans_are_a_cached_datasets_table(base, train_set, tmp_path, monkeypatch):
+    """Training and scoring read a ``datasets.Dataset``: records -> rows -> ``plan_*`` columns
+    by ``map`` (cached in an Arrow file keyed by records + encoder) -> lazy encoding."""
+    import datasets
+
+    _, _, enc = base
+    ds, report = sft.plan_dataset(train_set, enc, cache_dir=tmp_path)
+    assert isinstance(ds, datasets.Dataset) and len(ds) == len(train_set)
+    assert [p.record_id for p in sft.plans_of(ds)] == [r.id for r in train_set]
+    assert sft.plans_of(ds) == [enc.plan(r) for r in train_set]
+    assert report.as_dict() == enc.plan_all(train_set)[1].as_dict()
+    assert len(list(tmp_path.glob("plan-*.arrow"))) == 1
+
+    def no_planning(batch):
+        raise AssertionError("planned again despite the cache")
+
+    monkeypatch.setattr(enc, "_plan_rows", no_planning)
+    again, _ = sft.plan_dataset(train_set, enc, cache_dir=tmp_path)
+    assert again["plan_n_tokens"] == ds["plan_n_tokens"]
+    with pytest.raises(AssertionError, match="planned again"):  # other records: a new plan
+        sft.plan_dataset(train_set[1:], enc, cache_dir=tmp_path)
+    monkeypatch.undo()
+    train, _ = sft.sft_dataset(train_set, enc)
+    ex = train[0]
+    assert ex["input_ids"].ndim == 1 and (ex["labels"] != sft.IGNORE_INDEX).sum() > 0
+
+
+def test_seesaw_runner_holds_one_model_at_a_time(train_set, held, cache, monkeypatch):
+    """Every fit of run_seesaw starts with the previous backend (and its model) gone."""
+    import gc
+    import weakref
+
+    from kdsl_utils import seesaw
+
+    refs, made = [], []
+
+    def tracked(cfg, **kw):
+        gc.collect()
+        made.append(sum(r() is not None for r in refs))  # backends still alive at this fit
+        b = QwenVLBackend(cfg, cache_dir=cache)
+        refs.append(weakref.ref(b))
+        return b
+
+    monkeypatch.setattr(seesaw, "make_backend", tracked)
+    run = seesaw.run_seesaw(CFG, train_set, {"test1": _pick(held, 1, 1)}, seeds=[0])
+    assert made == [0, 0, 0], made
+    assert set(run.fits.variant) == {"image", "intent", "joint"} and len(run.deltas) == 3
+
+
+# --------------------------------------------------------------------------- the paths tiny skips
+def test_sdpa_scores_equal_eager(trained, held, tmp_path):
+    """The paper profile's attention (sdpa) gives the eager twin's label scores, prefix reuse
+    included."""
+    from dataclasses import replace
+
+    backend, _, _ = trained
+    backend.save(tmp_path / "m")
+    sdpa_cfg = replace(CFG, model=replace(CFG.model, attn_implementation="sdpa"))
+    sdpa = QwenVLBackend.load(tmp_path / "m", sdpa_cfg)
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    recs = _pick(held, 2, 2)
+    np.testing.assert_allclose(sdpa.predict_proba(recs).proba, backend.predict_proba(recs).proba,
+                               atol=1e-5)
+    enc = sdpa.encoder
+    for rec in recs[:2] + recs[-1:]:
+        pre = _prefix_inputs(enc.encode(enc.plan(rec)), enc, "cpu")
+        cands = [enc.label_ids(c) for c in rec.candidates]
+        for f, s in zip(score_candidates(sdpa.model, pre, cands, pad_id=enc.pad_id),
+                        score_candidates_naive(sdpa.model, pre, cands)):
+            torch.testing.assert_close(f, s, rtol=0, atol=2e-5)
+
+
+def test_gradient_checkpointing_under_sdpa_trains_the_same(trained, train_set, cache):
+    """Gradient checkpointing (the paper profile's default) with sdpa: the loss falls, along
+    the plain run's curve (recomputation restores the dropout RNG)."""
+    from dataclasses import replace
+
+    _, info, _ = trained
+    cfg = replace(CFG, model=replace(CFG.model, attn_implementation="sdpa"),
+                  train=replace(CFG.train, gradient_checkpointing=True))
+    b = QwenVLBackend(cfg, cache_dir=cache)
+    log = b.fit(train_set, mix="joint", seed=0)
+    assert b.model.base_model.model.is_activation_checkpointing
+    assert np.mean(log.losses[-3:]) < np.mean(log.losses[:3]) - 0.3, log.losses
+    np.testing.assert_allclose(log.losses, info.losses, rtol=1e-3)
+
+
+def test_batched_generation_equals_single(trained, held):
+    """Left-padded batches (prompts of different lengths, with and without images) generate
+    what each record generates alone: the same text and the same sequence log-probability
+    (which checks the padded forward numerically even where the text is short)."""
+    backend, _, _ = trained
+    recs = _pick(held, 2, 2)
+    assert len({backend.encoder.plan(r).n_tokens for r in recs}) > 1  # padding is exercised
+    kw = {"max_new_tokens": 6, "return_scores": True}
+    batched = generate_labels(backend.model, backend.encoder, recs, batch_size=4, **kw)
+    single = [generate_labels(backend.model, backend.encoder, [r], batch_size=1, **kw)
+              for r in recs]
+    assert batched.texts == [g.texts[0] for g in single]
+    np.testing.assert_allclose(batched.seq_scores, [g.seq_scores[0] for g in single], atol=1e-4)
+    assert backend.generate(recs, batch_size=4).texts == backend.generate(recs, batch_size=1).texts

@@ -21,6 +21,7 @@ from kdsl_utils.data.mire import load_mire
 from kdsl_utils.knowledge import load_proba, save_proba
 from kdsl_utils.metrics import bootstrap_ci, metric_rows
 from kdsl_utils.models.base import Predictions
+from kdsl_utils.notebooks import run_notebook
 from kdsl_utils.results import (ResultsFileError, atomic_path, atomic_write, read_metrics,
                                 read_run_json, release_results, write_metrics, write_predictions)
 from kdsl_utils.rules.schema import RuleBase
@@ -250,12 +251,10 @@ def test_readme_keeps_sections_it_did_not_see(tmp_path):
     assert not report.write_readme_section(readme, "h", {})  # unchanged: not rewritten
 
 
-@pytest.mark.slow
+@pytest.mark.smoke
 def test_report_notebook_keeps_readme_sections_of_unseen_runs(tmp_path):
     """The issue's case: a report over a results root without the real-data runs (a smoke
     run's root) keeps the README's real-data subsections."""
-    from kdsl_utils.notebooks import run_notebook
-
     readme = tmp_path / "README.md"
     readme.write_text(README, encoding="utf-8")
     (tmp_path / "results" / "tiny" / "synthetic-smoke" / "seed0").mkdir(parents=True)

@@ -52,7 +52,8 @@ def _make(repo: Path, *args: str) -> list[str]:
 
 
 def _finish(results: Path) -> None:
-    """Mark every notebook finished: run.json newer than the inputs and the stamp."""
+    """Mark every notebook finished: run.json (and results.sha256) newer than the inputs and
+    the parameter stamp."""
     stamp = results / "params.json"
     assert stamp.is_file(), "make did not write the parameter stamp"
     os.utime(stamp, (time.time() - 900,) * 2)
@@ -61,6 +62,9 @@ def _finish(results: Path) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("{}")
         os.utime(p, (time.time() - 500 + k,) * 2)
+        # its results stamp (make writes it after run.json; readers depend on it)
+        (p.parent / "results.sha256").write_text("")
+        os.utime(p.parent / "results.sha256", (time.time() - 500 + k + 0.5,) * 2)
 
 
 @pytest.fixture
@@ -85,6 +89,19 @@ def test_seed_writes_beside_seed0(setup):
     assert all("-p SEED 1" in line and "/seed1" in line for line in lines)
     assert _make(repo, *args, "SEED=0")[0] == []  # seed 0's results stay finished, untouched
     assert all((seed0 / nb / "run.json").read_text() == "{}" for nb in NOTEBOOKS)
+
+
+def test_overrides_write_beside_and_are_stamped(setup):
+    """OVERRIDES: results under <profile>-ov<hash>/<data>/seed<N>, whose params.json records them."""
+    repo, _, args, seed0 = setup
+    planned, lines = _make(repo, *args, 'OVERRIDES={"train__epochs": 5}')
+    assert planned == NOTEBOOKS
+    ov = [d for d in seed0.parents[2].iterdir() if d.name.startswith("tiny-ov")]
+    assert len(ov) == 1 and all(f"/{ov[0].name}/mire/seed0" in line for line in lines), lines
+    stamp = json.loads((ov[0] / "mire" / "seed0" / "params.json").read_text(encoding="utf-8"))
+    assert stamp["params"]["OVERRIDES"] == {"train__epochs": 5}
+    assert "OVERRIDES" not in json.loads((seed0 / "params.json").read_text(encoding="utf-8"))["params"]
+    assert _make(repo, *args)[0] == []  # the plain profile's results stay finished
 
 
 def test_test_files_rerun_what_reads_them(setup):
@@ -126,7 +143,7 @@ def test_user_paths_relative_and_tilde(setup, tmp_path, monkeypatch):
     assert (home / "out s" / "tiny" / "mire" / "seed0" / "params.json").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.smoke
 def test_real_run_seed1_beside_seed0(tmp_path):
     """Notebook 00 really runs for SEED=0 and SEED=1 (tiny synthetic data) into two folders."""
     results = tmp_path / "results"

@@ -1,9 +1,11 @@
-"""Splits, few-shot sampling, augmentation and the datasets conversion."""
+"""Splits, augmentation and the datasets conversion."""
 
 from __future__ import annotations
 
 import collections
 
+import numpy as np
+import pytest
 from conftest import image_record, intent_record, make_mire
 from PIL import Image
 
@@ -11,7 +13,7 @@ from kdsl_utils.data.augment import augment_training_set, dialogue_dropout, resi
 from kdsl_utils.data.hf import to_hf_dataset
 from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS
 from kdsl_utils.data.mire import load_split, parse_dialogue
-from kdsl_utils.data.splits import few_shot, kfold, stratified_split
+from kdsl_utils.data.splits import stratified_indices, stratified_split
 
 
 def _records(tmp_path, per_label=5):
@@ -34,22 +36,26 @@ def test_stratified_split(tmp_path):
     assert [r.id for r in stratified_split(recs, 0.2, seed=2)[1]] != [r.id for r in held]
 
 
-def test_kfold_partitions(tmp_path):
-    recs = _records(tmp_path)
-    folds = kfold(recs, 5, seed=0)
-    dev_ids = [r.id for _, dev in folds for r in dev]
-    assert sorted(dev_ids) == sorted(r.id for r in recs)
-    for train, dev in folds:
-        assert {r.id for r in train}.isdisjoint(r.id for r in dev)
-        assert max(collections.Counter(r.label for r in dev).values()) == 1
+def test_stratified_indices_is_order_free_and_keeps_rare_labels():
+    labels = [0] * 10 + [1] * 4 + [2]
+    rest, held = stratified_indices(labels, 0.3, seed=0)
+    assert held.dtype == np.int64 and np.all(np.diff(held) > 0)
+    assert len(np.intersect1d(rest, held)) == 0 and len(rest) + len(held) == len(labels)
+    assert collections.Counter(labels[i] for i in held) == {0: 3, 1: 1}  # label 2: one record, kept
+    # Keyed, the split follows the keys, not the positions: reversing the input reverses it.
+    keys = [f"k{i:02d}" for i in range(len(labels))]
+    _, h1 = stratified_indices(labels, 0.3, seed=0, keys=keys)
+    _, h2 = stratified_indices(labels[::-1], 0.3, seed=0, keys=keys[::-1])
+    assert sorted(keys[i] for i in h1) == sorted(keys[::-1][i] for i in h2)
+    with pytest.raises(ValueError, match="fraction"):
+        stratified_indices(labels, 1.0, seed=0)
 
 
-def test_few_shot(tmp_path):
-    recs = _records(tmp_path)
-    fs = few_shot(recs, 2, seed=0)
-    assert max(collections.Counter(r.label for r in fs).values()) == 2
-    assert len(fs) == 2 * 10 + 1
-    assert [r.id for r in few_shot(recs, 2, seed=0)] == [r.id for r in fs]
+def test_stratified_indices_carry_holds_out_from_one_record_labels():
+    labels = list(range(8))  # eight labels, one record each
+    assert len(stratified_indices(labels, 0.25, seed=0)[1]) == 0  # min_keep=1 keeps them all
+    rest, held = stratified_indices(labels, 0.25, seed=0, min_keep=0, carry=True)
+    assert len(held) == 2 and len(rest) == 6  # floor(0.25 + carry) over the labels
 
 
 def test_resize_copies(tmp_path):

@@ -22,6 +22,8 @@ from kdsl_utils.data import synth_templates as T
 from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS
 from kdsl_utils.data.prompts import image_instruction, intent_instruction, label_list_json
 from kdsl_utils.data.records import AGENT, IMAGE_TOKEN, USER
+from kdsl_utils.data.source import ensure_generated
+from kdsl_utils.hashing import directory_digest
 
 SMALL = {"per_label": 1, "test_per_label": 1}  # 46 labels x 3 splits = 138 records, ~150 images
 #: A tiny dataset: every label but two image and two intent labels left out.
@@ -63,7 +65,7 @@ def dialogue_turns(instruction: str) -> list[tuple[str, str]]:
 def test_same_seed_gives_byte_identical_files(small, small_again):
     a, b = file_hashes(small), file_hashes(small_again)
     assert a == b
-    assert synth.directory_digest(small) == synth.directory_digest(small_again)
+    assert directory_digest(small) == directory_digest(small_again)
     assert any(k.startswith("images/") for k in a) and "train.json" in a
 
 
@@ -178,11 +180,14 @@ def test_overwrite_and_ensure(tmp_path):
     with pytest.raises(FileExistsError):
         synth.generate_mire(out, seed=0, **FEW)
     before = (out / "train.json").stat().st_mtime_ns
-    synth.ensure_synthetic_mire(out, seed=0, **FEW)
+    ensure_generated(out, seed=0, **FEW)
     assert (out / "train.json").stat().st_mtime_ns == before  # reused, not regenerated
-    synth.ensure_synthetic_mire(out, seed=1, **FEW)
+    ensure_generated(out, seed=1, **FEW)
     assert json.loads((out / synth.PARAMS_FILE).read_text())["seed"] == 1
     assert sorted(p.name for p in out.iterdir()) == sorted([synth.PARAMS_FILE, "images", "test1.json", "train.json"])
+    (out / "test1.json").unlink()  # a split missing: the stamp alone does not make it reusable
+    ensure_generated(out, seed=1, **FEW)
+    assert (out / "test1.json").is_file()
     foreign = tmp_path / "real"
     foreign.mkdir()
     (foreign / "train.json").write_text("[]")

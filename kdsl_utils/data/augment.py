@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from ..hashing import stable_int
 from .labels import INTENT_TASK
 from .prompts import intent_instruction
 from .records import AGENT, USER, Record
@@ -36,7 +36,7 @@ from ..results import atomic_path
 
 
 def _rng(seed: int, record_id: str, k: int) -> random.Random:
-    return random.Random(f"{seed}:{zlib.crc32(record_id.encode())}:{k}")
+    return random.Random(f"{seed}:{stable_int(record_id)}:{k}")
 
 
 def resize_copies(records: Sequence[Record], out_dir: Path | str, *, copies: int = 1,

@@ -7,14 +7,16 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from .mire import MireData, load_mire
+from .synth import PARAMS_FILE, generate_mire, synth_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Synthetic sizes: records per label in train and in each test split.
@@ -38,34 +40,43 @@ def resolve_data(data_dir: str | Path | None, *, seed: int = 0, smoke: bool = Fa
             raise FileNotFoundError(f"DATA_DIR={data_dir!s}: no train.json there (a MIRE directory "
                                     "holds train.json, test*.json and images/)")
         return DataSource(root=root, tag=root.name, synthetic=False)
-    from .synth import PARAMS_FILE, generate_mire, synth_params
-
     size = "smoke" if smoke else "full"
     per_label, test_per_label = SYNTH_SIZES[size]
     root = Path(cache_root or REPO_ROOT / "data") / f"synthetic-{size}-seed{seed}"
-    want = synth_params(seed=seed, per_label=per_label, test_per_label=test_per_label)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # One process generates, the others (parallel tests, two notebooks) wait and reuse it.
-    with open(root.with_name(root.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _is_generated(root, want, PARAMS_FILE):
-            # Missing, or made by another generator version: generate beside, then swap, so
-            # a crash never leaves a half dataset to reuse.
-            tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            generate_mire(tmp, seed=seed, per_label=per_label, test_per_label=test_per_label,
-                          progress=not smoke)
-            shutil.rmtree(root, ignore_errors=True)
-            tmp.rename(root)
+    ensure_generated(root, seed=seed, per_label=per_label, test_per_label=test_per_label,
+                     progress=not smoke)
     return DataSource(root=root, tag="synthetic" if size == "full" else "synthetic-smoke", synthetic=True)
 
 
-def _is_generated(root: Path, want: dict, params_file: str) -> bool:
-    stamp = root / params_file
+def ensure_generated(root: Path, *, progress: bool = False, **params) -> Path:
+    """``synth.generate_mire(root, **params)`` unless ``root`` already holds exactly that data
+    (its :data:`synth.PARAMS_FILE` stamp equals ``synth_params(**params)`` and every split file
+    exists). The one "generate unless the stamp matches" routine of the package.
+
+    One process generates, the others (parallel tests, two notebooks) wait on a file lock and
+    reuse it. A missing or foreign-version directory is generated beside and swapped in, so a
+    crash never leaves a half dataset to reuse.
+    """
+    want = synth_params(**params)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.with_name(root.name + ".lock"))):
+        if not _is_generated(root, want):
+            tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            generate_mire(tmp, progress=progress, **params)
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+    return root
+
+
+def _is_generated(root: Path, want: dict) -> bool:
     try:
-        return json.loads(stamp.read_text(encoding="utf-8")) == want
+        have = json.loads((root / PARAMS_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
+    splits = ("train", *want.get("test_files", ()))
+    return have == want and (root / "images").is_dir() and all(
+        (root / f"{s}.json").is_file() for s in splits)
 
 
 def load_source(src: DataSource, test_files=None, strict: bool = True) -> MireData:

@@ -1,74 +1,69 @@
-"""Seeded, stratified splits of record lists: dev folds, k-folds and few-shot samples.
+"""The one seeded, stratified splitter of the package (dev folds of notebooks 02-03, the
+search / held-out parts of the MCTS dev fold).
 
 Stratification is by label (and so by task). Labels with too few examples to split are
-kept whole on the training side, so a dev fold never steals the only example of a class.
+kept whole on the training side, so a held-out part never steals the only example of a class.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+
+import numpy as np
 
 from .records import Record
 
 
-def _by_label(records: Sequence[Record]) -> dict[str, list[Record]]:
-    groups: dict[str, list[Record]] = defaultdict(list)
-    for r in records:
-        if r.label is None:
-            raise ValueError(f"record {r.id!r} ({r.source}) has no label; splits need labelled data")
-        groups[r.label].append(r)
-    return dict(sorted(groups.items()))
+def stratified_indices(labels: Sequence[Hashable], fraction: float, seed: int, *,
+                       keys: Sequence[str] | None = None, min_keep: int = 1,
+                       carry: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..n-1`` into (rest, held) with about ``fraction`` of every label held.
+
+    Per label (labels in sorted order), the group's ``keys`` (default: the positions) are
+    sorted, shuffled by one ``random.Random(seed)`` shared across the groups, and the first
+    ``round(n * fraction)`` are held out, but at least ``min_keep`` stay in rest (a label with
+    ``n <= min_keep`` records is not held out at all). With ``carry`` the count is
+    ``floor(n * fraction + c)`` where ``c`` carries the rounding remainder from label to label,
+    so a set of many one-record labels still holds out about ``fraction`` of them (the MCTS
+    search / held-out split of a small dev fold). The result depends only on ``seed``, the
+    labels and the keys, not on the input order. Returns two sorted int64 index arrays.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    keys = [str(k) for k in keys] if keys is not None else [f"{i:012d}" for i in range(len(labels))]
+    if len(keys) != len(labels):
+        raise ValueError(f"{len(keys)} keys for {len(labels)} labels")
+    groups: dict[Hashable, list[tuple[str, int]]] = defaultdict(list)
+    for i, (lab, key) in enumerate(zip(labels, keys)):
+        groups[lab].append((key, i))
+    rng = random.Random(seed)
+    held: list[int] = []
+    remainder = 0.0
+    for lab in sorted(groups):
+        members = sorted(groups[lab])
+        rng.shuffle(members)
+        if carry:
+            exact = len(members) * fraction + remainder
+            n_held = math.floor(exact)
+            remainder = exact - n_held
+        else:
+            n_held = round(len(members) * fraction)
+        n_held = min(n_held, len(members) - min_keep)
+        held += [i for _, i in members[:max(n_held, 0)]]
+    held_arr = np.sort(np.asarray(held, dtype=np.int64))
+    return np.setdiff1d(np.arange(len(labels), dtype=np.int64), held_arr), held_arr
 
 
 def stratified_split(records: Sequence[Record], fraction: float, seed: int,
                      min_keep: int = 1) -> tuple[list[Record], list[Record]]:
-    """Split into (rest, held) with about ``fraction`` of every label held out.
-
-    Per label, ``round(n * fraction)`` records are held out, but at least ``min_keep`` stay
-    in ``rest`` (labels with ``n <= min_keep`` are not held out at all). Input order is
-    preserved inside each output list; the result depends only on ``seed`` and the ids.
-    """
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    rng = random.Random(seed)
-    held_ids: set[str] = set()
-    for _, group in _by_label(records).items():
-        ids = sorted(r.id for r in group)
-        rng.shuffle(ids)
-        n_held = min(round(len(ids) * fraction), len(ids) - min_keep)
-        held_ids.update(ids[:max(n_held, 0)])
-    rest = [r for r in records if r.id not in held_ids]
-    held = [r for r in records if r.id in held_ids]
-    return rest, held
-
-
-def kfold(records: Sequence[Record], k: int, seed: int) -> list[tuple[list[Record], list[Record]]]:
-    """``k`` stratified (train, dev) folds; every record is in exactly one dev fold.
-
-    Each label's records are shuffled and dealt round-robin to the folds, starting at a
-    random fold so that rare labels do not all land in fold 0.
-    """
-    if k < 2:
-        raise ValueError(f"k must be >= 2, got {k}")
-    rng = random.Random(seed)
-    fold_of: dict[str, int] = {}
-    for _, group in _by_label(records).items():
-        ids = sorted(r.id for r in group)
-        rng.shuffle(ids)
-        offset = rng.randrange(k)
-        for i, rid in enumerate(ids):
-            fold_of[rid] = (i + offset) % k
-    return [([r for r in records if fold_of[r.id] != f], [r for r in records if fold_of[r.id] == f])
-            for f in range(k)]
-
-
-def few_shot(records: Sequence[Record], k: int, seed: int) -> list[Record]:
-    """At most ``k`` records per label, sampled with ``seed`` (input order preserved)."""
-    rng = random.Random(seed)
-    keep: set[str] = set()
-    for _, group in _by_label(records).items():
-        ids = sorted(r.id for r in group)
-        keep.update(rng.sample(ids, min(k, len(ids))))
-    return [r for r in records if r.id in keep]
+    """Split labelled records into (rest, held) with :func:`stratified_indices` keyed by
+    record id; input order is preserved inside each output list."""
+    for r in records:
+        if r.label is None:
+            raise ValueError(f"record {r.id!r} ({r.source}) has no label; splits need labelled data")
+    rest, held = stratified_indices([r.label for r in records], fraction, seed,
+                                    keys=[r.id for r in records], min_keep=min_keep)
+    return [records[i] for i in rest], [records[i] for i in held]

@@ -80,14 +80,14 @@ about 1000 images (31 MB), generated in about 20 s on one core.
 
 Other entry points: :func:`plan_mire` (every record and image spec, no rendering — fast,
 for tests and analyses), :func:`render_scene` (one image of a scene),
-:func:`ensure_synthetic_mire` (generate unless the directory already holds the same
-parameters, per its hidden ``.synth_params.json`` stamp, which also records
-:data:`GENERATOR_VERSION`) and :func:`directory_digest` (a content hash of a directory).
+:func:`synth_params` (the parameter record stamped into a generated directory as its
+hidden ``.synth_params.json``, which also records :data:`GENERATOR_VERSION`; the "generate
+unless the stamp matches" routine is :func:`kdsl_utils.data.source.ensure_generated`); a content hash of a
+generated directory is :func:`kdsl_utils.hashing.directory_digest`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -97,6 +97,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm.auto import tqdm
+
+from ..fonts import cjk_font
 from . import synth_templates as T
 from .labels import IMAGE_LABELS, INTENT_LABELS
 from .prompts import image_instruction, intent_instruction
@@ -346,8 +351,6 @@ def plan_mire(*, seed: int = 0, per_label: int = 12, test_per_label: int = 4,
 # Rendering
 # ---------------------------------------------------------------------------------------------
 def _font(size: int):
-    from ..fonts import cjk_font
-
     return cjk_font(size)
 
 
@@ -377,8 +380,6 @@ class Page:
     """A drawing surface with a cursor ``y`` and helpers for phone-screen furniture."""
 
     def __init__(self, rng: random.Random, size=SCREEN_SIZE, bg=None, accent=None):
-        from PIL import Image, ImageDraw
-
         self.rng = rng
         self.W, self.H = size
         self.bg = bg or rng.choice(GREY_BG)
@@ -526,12 +527,8 @@ class Page:
             self.grid(6, title=self.rng.choice(("猜你喜欢", "为你推荐", "看了又看", "店铺推荐")))
 
     def dim(self, alpha=0.55):
-        from PIL import Image
-
         over = Image.new("RGB", self.img.size, (0, 0, 0))
         self.img = Image.blend(self.img, over, alpha)
-        from PIL import ImageDraw
-
         self.d = ImageDraw.Draw(self.img)
 
 
@@ -1369,9 +1366,6 @@ def scene_other(pg: Page, p: Product):
 
 def render_photo(rng: random.Random, p: Product, size=PHOTO_SIZE):
     """实物拍摄: a camera-like photo of the product (or of its parcel) on a textured surface."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFilter
-
     g = np.random.default_rng(rng.getrandbits(63))
     W, H = size
     base = np.array(rng.choice(((200, 180, 150), (230, 230, 225), (150, 110, 80), (210, 215, 220), (90, 90, 95), (240, 235, 245))), float)
@@ -1391,8 +1385,6 @@ def render_photo(rng: random.Random, p: Product, size=PHOTO_SIZE):
         d.rectangle((cx - s * .45, cy - s * .05, cx + s * .45, cy + s * .03), fill=(200, 190, 170))
         lab = (cx - s * .3, cy - s * .3, cx + s * .2, cy - s * .08)
         d.rectangle(lab, fill=(250, 250, 250))
-        from ..fonts import cjk_font
-
         d.text((lab[0] + 6, lab[1] + 4), rng.choice(T.COURIERS), font=cjk_font(12), fill=(30, 30, 30))
         d.rectangle((lab[0] + 6, lab[1] + 22, lab[2] - 20, lab[1] + 30), fill=(40, 40, 40))
     else:
@@ -1511,8 +1503,6 @@ def generate_mire(out_dir: Path | str, *, seed: int = 0, per_label: int = 12, te
     images.mkdir(parents=True, exist_ok=True)
     it = specs
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(specs, desc="synthetic images", unit="img")
     for spec in it:
         _save(render_scene(spec.scene, spec.seed, spec.product), images / spec.name)
@@ -1520,32 +1510,3 @@ def generate_mire(out_dir: Path | str, *, seed: int = 0, per_label: int = 12, te
         (out / f"{split}.json").write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     (out / PARAMS_FILE).write_text(json.dumps(params, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return out
-
-
-def ensure_synthetic_mire(out_dir: Path | str, **params) -> Path:
-    """``generate_mire(out_dir, **params)`` unless ``out_dir`` already holds exactly that data.
-
-    The check is the parameter stamp (:data:`PARAMS_FILE`) plus the presence of every split
-    file; a directory made with other parameters is regenerated in place.
-    """
-    out = Path(out_dir)
-    want = synth_params(**params)
-    stamp = out / PARAMS_FILE
-    if stamp.is_file() and (out / "images").is_dir():
-        try:
-            have = json.loads(stamp.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            have = None
-        if have == want and all((out / f"{s}.json").is_file() for s in ("train", *want["test_files"])):
-            return out
-    return generate_mire(out, overwrite=True, **params)
-
-
-def directory_digest(root: Path | str) -> str:
-    """SHA-256 over every file (relative path and bytes) under ``root``, in sorted order."""
-    h = hashlib.sha256()
-    root = Path(root)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(f.read_bytes())
-    return h.hexdigest()

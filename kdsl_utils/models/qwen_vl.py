@@ -27,7 +27,6 @@ torchvision in this transformers version and which MIRE never uses.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -39,11 +38,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import hf_hub_download
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (AutoTokenizer, BitsAndBytesConfig, Qwen2VLForConditionalGeneration,
+                          Qwen2VLProcessor)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..config import ModelCfg, Profile
 from ..data.records import Record
+from ..threads import torch_threads
 from .base import FitLog, Predictions, select_mix
+from .hf_train import train_sft
+from .scoring import ScoreResult, generate_labels, score_records
 from .sft import RecordEncoder, chat_messages, format_answer, format_prompt
+from .tiny import tiny_model_dir
 
 LM_MODULES = r".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
 VISION_MODULES = (
@@ -53,13 +61,7 @@ VISION_MODULES = (
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 META_FILE = "kdsl_qwen_vl.json"
 
-try:  # transformers >= 5 exports the processor; import lazily-safe here
-    from transformers import Qwen2VLProcessor as _Qwen2VLProcessor
-except ImportError:  # pragma: no cover
-    _Qwen2VLProcessor = object  # type: ignore[assignment,misc]
-
-
-class Qwen2VLImageTextProcessor(_Qwen2VLProcessor):  # type: ignore[misc,valid-type]
+class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
     """Qwen2-VL's processor (text + images) without the video processor."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -78,8 +80,6 @@ def _read_chat_template(src: str | Path) -> str | None:
             )
         return None
     try:  # a hub id: the processor's template file, where the hub can be reached
-        from huggingface_hub import hf_hub_download
-
         path = hf_hub_download(str(src), "chat_template.json")
         return json.loads(Path(path).read_text(encoding="utf-8")).get("chat_template")
     except Exception:  # noqa: BLE001 - offline, gated, no such file: all mean "no template"
@@ -91,9 +91,6 @@ def load_processor(
 ) -> Qwen2VLImageTextProcessor:
     """Tokenizer + Qwen2-VL image processor (PIL backend) of ``src`` (hub id or directory),
     with the profile's pixel bounds."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     tok = AutoTokenizer.from_pretrained(str(src))
     ip = Qwen2VLImageProcessorPil.from_pretrained(
         str(src), min_pixels=min_pixels, max_pixels=max_pixels
@@ -131,7 +128,7 @@ def check_chat_format(processor, *, warn: bool = True) -> bool | None:
 
 
 def _require_bitsandbytes() -> None:
-    try:
+    try:  # a GPU-only optional extra: imported only when 4-bit loading is asked for
         import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise ImportError(
@@ -150,10 +147,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def quantization_config(mcfg: ModelCfg) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit base: NF4 with double quantisation, compute in the profile dtype; the
+    vision tower and ``lm_head`` stay unquantised."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[mcfg.dtype],
+        llm_int8_skip_modules=["visual", "lm_head"],
+    )
+
+
 def load_model(src: str | Path, mcfg: ModelCfg, *, device: str = "cpu"):
     """Qwen2VLForConditionalGeneration from ``src`` in the profile dtype (4-bit for qlora)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
     dev = resolve_device(device)
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[mcfg.dtype],
@@ -161,15 +168,7 @@ def load_model(src: str | Path, mcfg: ModelCfg, *, device: str = "cpu"):
     }
     if mcfg.finetune == "qlora":
         _require_bitsandbytes()
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=DTYPES[mcfg.dtype],
-            llm_int8_skip_modules=["visual", "lm_head"],
-        )
+        kwargs["quantization_config"] = quantization_config(mcfg)
         kwargs["device_map"] = {"": dev.index or 0}
     model = Qwen2VLForConditionalGeneration.from_pretrained(str(src), **kwargs)
     if mcfg.finetune != "qlora":
@@ -196,8 +195,6 @@ def prepare_for_finetune(
         return model
     if mcfg.finetune not in ("lora", "qlora"):
         raise ValueError(f"unknown finetune mode {mcfg.finetune!r}; choose lora, full or qlora")
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if mcfg.finetune == "qlora":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing
@@ -249,21 +246,6 @@ def model_source(mcfg: ModelCfg, which: str = "large") -> str:
     return mcfg.large if which == "large" else mcfg.small
 
 
-@contextlib.contextmanager
-def one_cpu_thread(active: bool = True):
-    """Run torch on one CPU thread inside the block (then restore). The tiny twin's matrices
-    are so small that intra-op threads only add overhead, and on a busy machine
-    oversubscription makes every op tens of times slower (measured: 20 s vs 0.7 s)."""
-    n = torch.get_num_threads()
-    if active:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if active:
-            torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- backend
 class QwenVLBackend:
     """:class:`~kdsl_utils.models.base.Backend` on Qwen2-VL (profiles ``paper`` and ``tiny``).
@@ -306,14 +288,14 @@ class QwenVLBackend:
         return self.source == "tiny"
 
     @property
-    def _small_cpu(self) -> bool:
-        return self.is_tiny and self.cfg.device == "cpu"
+    def _threads(self) -> int | None:
+        """One torch thread for the tiny twin on the CPU (see :mod:`kdsl_utils.threads`);
+        None (unchanged) elsewhere."""
+        return 1 if self.is_tiny and self.cfg.device == "cpu" else None
 
     def _base(self) -> str:
         if self.base_path is None:
             if self.is_tiny:
-                from .tiny import tiny_model_dir
-
                 self.base_path = str(
                     tiny_model_dir(
                         self.corpus_records,
@@ -351,8 +333,6 @@ class QwenVLBackend:
         progress: bool = True,
     ) -> FitLog:
         """Fine-tune the base on ``mix`` of ``train``; returns loss curve, counts, wall time."""
-        from .. import train as training
-
         t0 = time.perf_counter()
         records = select_mix(train, mix)
         if not records:
@@ -372,8 +352,8 @@ class QwenVLBackend:
             seed=seed,
             gradient_checkpointing=self.cfg.train.gradient_checkpointing,
         )
-        with one_cpu_thread(self._small_cpu):
-            result = training.train_sft(
+        with torch_threads(self._threads):
+            result = train_sft(
                 self.model,
                 self.encoder,
                 records,
@@ -392,6 +372,7 @@ class QwenVLBackend:
             extra={"n_used": result.n_examples, "loss_curve": result.loss_curve,
                    "train_wall_s": result.wall_s, "truncation": result.truncation,
                    "checkpoint_dir": result.checkpoint_dir, "resumed_from": result.resumed_from,
+                   "loaded_finished": result.extra.get("loaded_finished"),
                    "trainable_params": result.trainable_params})
         return self.fit_info
 
@@ -408,11 +389,9 @@ class QwenVLBackend:
 
     def score(
         self, records: Sequence[Record], *, length_norm: str | None = None, progress: bool = False
-    ):
-        from .scoring import score_records
-
+    ) -> ScoreResult:
         self._ensure()
-        with one_cpu_thread(self._small_cpu):
+        with torch_threads(self._threads):
             return score_records(
                 self.model,
                 self.encoder,
@@ -431,10 +410,8 @@ class QwenVLBackend:
         batch_size: int | None = None,
     ):
         """Free (or candidate-constrained) generation + label parsing."""
-        from .scoring import generate_labels
-
         self._ensure()
-        with one_cpu_thread(self._small_cpu):
+        with torch_threads(self._threads):
             return generate_labels(
                 self.model,
                 self.encoder,
@@ -518,8 +495,6 @@ class QwenVLBackend:
             max_pixels=m.max_pixels,
         )
         if meta["weights"] == "adapter":
-            from peft import PeftModel
-
             self.model = PeftModel.from_pretrained(
                 load_model(self.base_path, m, device=cfg.device), str(path / "adapter")
             )
@@ -555,7 +530,7 @@ def small_model_generator(
     def generate(prompt: str) -> str:
         text = format_prompt(prompt.replace("<image>", "[图片]"))
         ids = torch.tensor([enc.tokenize(text)], device=dev)
-        with torch.no_grad(), one_cpu_thread(backend._small_cpu):
+        with torch.no_grad(), torch_threads(backend._threads):
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

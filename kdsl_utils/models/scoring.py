@@ -44,15 +44,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..data.labels import ALL_LABELS
+from ..data.labels import ALL_LABELS, LABEL_INDEX
 from ..data.records import Record
 from .base import Predictions
-from .sft import RecordEncoder, SFTCollator
+from .sft import PLAN_FEATURES, RecordEncoder, SFTCollator, plan_dataset
 
-LABEL_INDEX = {lab: i for i, lab in enumerate(ALL_LABELS)}
 LENGTH_NORMS = ("sum", "mean")
 
 
@@ -226,6 +227,12 @@ def _fill_row(candidates: Sequence[str], p: np.ndarray) -> np.ndarray:
     return row
 
 
+def encoded_prompts(ds: datasets.Dataset, encoder: RecordEncoder) -> datasets.Dataset:
+    """The prompts of a :func:`~.sft.plan_dataset` table as model inputs, encoded lazily per
+    row (``with_transform``; no answer appended): what scoring and generation read."""
+    return ds.with_transform(encoder.encode_rows, columns=["id", *PLAN_FEATURES])
+
+
 def score_records(
     model,
     encoder: RecordEncoder,
@@ -240,24 +247,23 @@ def score_records(
         raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
     model.eval()
     dev = _device(model)
-    plans, report = encoder.plan_all(records)
+    ds, report = plan_dataset(records, encoder)
+    encoded = encoded_prompts(ds, encoder)
     rows, all_scores, all_lps, cands = [], [], [], []
-    it = zip(records, plans)
+    it = range(len(ds))
     if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, total=len(records), desc="label scoring")
-    for rec, plan in it:
-        enc = encoder.encode(plan)
-        cand_ids = [encoder.label_ids(c) for c in rec.candidates]
+        it = tqdm(it, total=len(ds), desc="label scoring")
+    for i in it:
+        candidates = tuple(ds[i]["candidates"])
+        cand_ids = [encoder.label_ids(c) for c in candidates]
         lps = score_candidates(
-            model, _prefix_inputs(enc, encoder, dev), cand_ids, pad_id=encoder.pad_id
+            model, _prefix_inputs(encoded[i], encoder, dev), cand_ids, pad_id=encoder.pad_id
         )
         s = normalise_scores(lps, length_norm)
-        rows.append(_fill_row(rec.candidates, softmax(s)))
+        rows.append(_fill_row(candidates, softmax(s)))
         all_scores.append(s)
         all_lps.append(lps)
-        cands.append(tuple(rec.candidates))
+        cands.append(candidates)
     proba = np.vstack(rows) if rows else np.zeros((0, len(ALL_LABELS)))
     preds = Predictions.for_records(records, proba)
     return ScoreResult(
@@ -400,7 +406,9 @@ def generate_labels(
     t0 = time.perf_counter()
     model.eval()
     dev = _device(model)
-    plans, report = encoder.plan_all(records)
+    ds, report = plan_dataset(records, encoder)
+    encoded = encoded_prompts(ds, encoder)
+    n_prompt = ds["plan_n_tokens"]
     eos = [encoder.im_end_id]
     if encoder.tokenizer.convert_tokens_to_ids("<|endoftext|>") is not None:
         eos.append(encoder.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
@@ -422,7 +430,7 @@ def generate_labels(
         common.update(length_penalty=0.0, early_stopping=True, num_return_sequences=1)
 
     def run(idx: list[int], **extra):
-        feats = [encoder.encode(plans[i]) for i in idx]
+        feats = [encoded[i] for i in idx]
         batch = collate(feats)
         batch.pop("labels")
         batch = {k: v.to(dev) for k, v in batch.items()}
@@ -458,7 +466,7 @@ def generate_labels(
     if constrained:
         for i, rec in enumerate(records):
             trie = CandidateTrie([encoder.label_ids(c) for c in rec.candidates], encoder.im_end_id)
-            P = plans[i].n_tokens
+            P = n_prompt[i]
 
             def allowed(_batch_id: int, sent: torch.Tensor, trie=trie, P=P) -> list[int]:
                 return trie.allowed(sent[P:].tolist())

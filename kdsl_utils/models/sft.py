@@ -21,7 +21,7 @@ Decisions
   end-of-turn ``<|im_end|>`` that follows them: the model learns the label and to stop. The
   trailing ``\\n`` of the template is masked.
 * **Truncation never cuts image tokens.** A prompt is planned (:meth:`RecordEncoder.plan`)
-  before any pixel is processed, from image sizes alone (``smart_resize`` arithmetic), so the
+  before any pixel is processed, from image sizes alone (transformers' ``smart_resize``), so the
   visual-token count of every image is known. When prompt + the longest candidate answer
   exceeds ``max_length``, these rules apply in order, each only while still over the limit:
 
@@ -43,18 +43,25 @@ Decisions
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import datasets
+import numpy as np
 import torch
 from PIL import Image
 
 from ..data.prompts import DIALOGUE_END, DIALOGUE_START
+from ..data.hf import quiet_progress, to_hf_dataset
 from ..data.records import AGENT, IMAGE_TOKEN, USER, Record
+from ..data.tokens import image_size, visual_tokens
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -65,6 +72,8 @@ IGNORE_INDEX = -100
 _TURN_LINE = re.compile(rf"^({USER}|{AGENT})[:：]")
 
 STATUSES = ("full", "turns", "downscale", "text", "over_limit")
+PLAN_FORMAT = 1  # bump when the planning rules change: cached plans of older rules are stale
+ENCODED_KEYS = ("input_ids", "labels", "prompt_len", "pixel_values", "image_grid_thw")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -108,34 +117,6 @@ def load_image(path: Path | str) -> Image.Image:
         return im.convert("RGB")
 
 
-def image_size(path: Path | str) -> tuple[int, int]:
-    """(height, width) from the image header, without decoding pixels."""
-    with Image.open(path) as im:
-        w, h = im.size
-    return h, w
-
-
-def smart_resize(
-    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
-) -> tuple[int, int]:
-    """Qwen2-VL's resize rule (identical to transformers' ``smart_resize``; tested against it)."""
-    import math
-
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {height}x{width}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
 # --------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
 class PromptPlan:
@@ -152,6 +133,40 @@ class PromptPlan:
     turns_dropped: int = 0
     images_dropped: int = 0
     chars_cut: int = 0
+    rules: tuple[str, ...] = ()  # every rule applied, in order (``status`` is the last)
+
+    def to_row(self) -> dict[str, Any]:
+        """The plan as ``plan_*`` columns of a dataset row (see :data:`PLAN_FEATURES`)."""
+        return {
+            "plan_instruction": self.instruction, "plan_text": self.text,
+            "plan_images": [str(p) for p in self.images],
+            "plan_image_tokens": list(self.image_tokens), "plan_max_pixels": self.max_pixels,
+            "plan_n_tokens": self.n_tokens, "plan_status": self.status,
+            "plan_rules": list(self.rules), "plan_turns_dropped": self.turns_dropped,
+            "plan_images_dropped": self.images_dropped, "plan_chars_cut": self.chars_cut,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PromptPlan:
+        """The plan of a row of :func:`plan_dataset` (record id from its ``id`` column)."""
+        return cls(
+            record_id=row["id"], instruction=row["plan_instruction"], text=row["plan_text"],
+            images=tuple(Path(p) for p in row["plan_images"]),
+            image_tokens=tuple(row["plan_image_tokens"]), max_pixels=row["plan_max_pixels"],
+            n_tokens=row["plan_n_tokens"], status=row["plan_status"],
+            turns_dropped=row["plan_turns_dropped"], images_dropped=row["plan_images_dropped"],
+            chars_cut=row["plan_chars_cut"], rules=tuple(row["plan_rules"]),
+        )
+
+
+_INT = datasets.Value("int64")
+PLAN_FEATURES = {
+    "plan_instruction": datasets.Value("string"), "plan_text": datasets.Value("string"),
+    "plan_images": datasets.List(datasets.Value("string")),
+    "plan_image_tokens": datasets.List(_INT), "plan_max_pixels": _INT, "plan_n_tokens": _INT,
+    "plan_status": datasets.Value("string"), "plan_rules": datasets.List(datasets.Value("string")),
+    "plan_turns_dropped": _INT, "plan_images_dropped": _INT, "plan_chars_cut": _INT,
+}
 
 
 @dataclass
@@ -169,6 +184,13 @@ class TruncationReport:
     n_over_limit: int = 0
     over_limit_ids: list[str] = field(default_factory=list)
     dropped_ids: list[str] = field(default_factory=list)  # removed from training
+
+    @classmethod
+    def of_plans(cls, plans: Sequence[PromptPlan]) -> TruncationReport:
+        report = cls()
+        for p in plans:
+            report.add(p, p.rules)
+        return report
 
     def add(self, plan: PromptPlan, rules: Sequence[str]) -> None:
         self.n += 1
@@ -209,13 +231,13 @@ def _split_dialogue(instruction: str) -> tuple[str, list[str], str] | None:
     if instruction.startswith("\n", body_start):
         body_start += 1
     head, body, tail = instruction[:body_start], instruction[body_start:e], instruction[e:]
-    blocks: list[str] = []
+    lines: list[list[str]] = []  # lines per block, joined once (no repeated str +=)
     for line in body.splitlines(keepends=True):
-        if _TURN_LINE.match(line) or not blocks:
-            blocks.append(line)
+        if _TURN_LINE.match(line) or not lines:
+            lines.append([line])
         else:
-            blocks[-1] += line
-    return head, blocks, tail
+            lines[-1].append(line)
+    return head, ["".join(b) for b in lines], tail
 
 
 def _cut_text(body: str, k: int) -> str:
@@ -266,6 +288,7 @@ class RecordEncoder:
         self._newline_ids = self.tokenize("\n")
         self._size_cache: dict[Path, tuple[int, int]] = {}
         self._label_cache: dict[str, list[int]] = {}
+        self._last_text: tuple[str, int] | None = None  # (prompt text, its token count)
 
     # ---- tokens
     def tokenize(self, text: str) -> list[int]:
@@ -282,20 +305,23 @@ class RecordEncoder:
         return max((len(self.label_ids(c)) for c in candidates), default=1) + len(self._newline_ids)
 
     def n_image_tokens(self, path: Path, max_pixels: int | None = None) -> int:
+        """Visual tokens of the image at ``path`` under ``max_pixels`` (header read once)."""
         if path not in self._size_cache:
             self._size_cache[path] = image_size(path)
-        h, w = self._size_cache[path]
-        rh, rw = smart_resize(
-            h, w, self.patch * self.merge, self.min_pixels, max_pixels or self.max_pixels
-        )
-        return (rh // self.patch) * (rw // self.patch) // (self.merge**2)
+        w, h = self._size_cache[path]
+        return visual_tokens(w, h, self.min_pixels, max_pixels or self.max_pixels,
+                             patch=self.patch, merge=self.merge)
 
     def _measure(
         self, instruction: str, images: Sequence[Path], max_pixels: int
     ) -> tuple[str, tuple[int, ...], int]:
         text = format_prompt(instruction, self.system)
         img_tok = tuple(self.n_image_tokens(p, max_pixels) for p in images)
-        return text, img_tok, len(self.tokenize(text)) + sum(n - 1 for n in img_tok)
+        # the text's token count is reused while only the pixel budget changes (downscaling
+        # re-measures the same text up to log2(max/min pixels) times)
+        if self._last_text is None or self._last_text[0] != text:
+            self._last_text = (text, len(self.tokenize(text)))
+        return text, img_tok, self._last_text[1] + sum(n - 1 for n in img_tok)
 
     # ---- planning
     def plan(self, record: Record) -> PromptPlan:
@@ -303,35 +329,64 @@ class RecordEncoder:
         return self._plan(record)[0]
 
     def _plan(self, record: Record) -> tuple[PromptPlan, list[str]]:
-        budget = self.max_length - self.answer_reserve(record.candidates)
-        images = list(record.images)
-        if record.instruction.count(IMAGE_TOKEN) != len(images):
+        return self._plan_parts(record.id, record.instruction, list(record.images),
+                                record.candidates)
+
+    def _plan_parts(self, record_id: str, instruction: str, images: list[Path],
+                    candidates: Sequence[str]) -> tuple[PromptPlan, list[str]]:
+        budget = self.max_length - self.answer_reserve(candidates)
+        images = list(images)
+        if instruction.count(IMAGE_TOKEN) != len(images):
             raise ValueError(
-                f"record {record.id}: {record.instruction.count(IMAGE_TOKEN)} <image> "
+                f"record {record_id}: {instruction.count(IMAGE_TOKEN)} <image> "
                 f"placeholders but {len(images)} images"
             )
-        instruction, max_px = record.instruction, self.max_pixels
+        max_px = self.max_pixels
         text, img_tok, n = self._measure(instruction, images, max_px)
         rules: list[str] = []
         turns_dropped = images_dropped = chars_cut = 0
         parts = _split_dialogue(instruction) if n > budget else None
 
-        # 1. drop the oldest turns, keeping the last customer turn and what follows it
+        # 1. drop the oldest turns, keeping the last customer turn and what follows it: the
+        # fewest dropped turns d that fit. Found from per-turn token costs (each turn tokenised
+        # once; a turn ends with a newline, where Qwen2's pre-tokeniser splits, so costs add
+        # up) and confirmed by exact measurement, stepping while the exact count disagrees,
+        # which gives the turn-by-turn result in time linear in the dialogue's length.
         if parts is not None and n > budget:
             head, blocks, tail = parts
             user_idx = [i for i, b in enumerate(blocks) if b.startswith(USER)]
             keep_from = user_idx[-1] if user_idx else len(blocks) - 1
             head_imgs = head.count(IMAGE_TOKEN)
-            while keep_from > 0 and n > budget:
-                dropped = blocks.pop(0)
-                keep_from -= 1
-                k = dropped.count(IMAGE_TOKEN)
-                del images[head_imgs : head_imgs + k]
-                turns_dropped += 1
-                images_dropped += k
-                instruction = head + "".join(blocks) + tail
-                text, img_tok, n = self._measure(instruction, images, max_px)
-            if turns_dropped:
+            img_counts = [b.count(IMAGE_TOKEN) for b in blocks]
+            img_start = np.concatenate([[0], np.cumsum(img_counts)]).astype(int)
+            cost = [len(ids) for ids in self.tokenizer(
+                [user_content(b) for b in blocks[:keep_from]], add_special_tokens=False
+            )["input_ids"]] if keep_from else []
+            for i in range(keep_from):
+                cost[i] += sum(self.n_image_tokens(p, max_px) - 1
+                               for p in images[head_imgs + img_start[i]:head_imgs + img_start[i + 1]])
+            saved = np.concatenate([[0], np.cumsum(cost)]).astype(int)  # tokens freed by d
+            n0 = n
+
+            def measured(d: int) -> tuple[str, list[Path], tuple[str, tuple[int, ...], int]]:
+                ins = head + "".join(blocks[d:]) + tail
+                imgs = images[:head_imgs] + images[head_imgs + img_start[d]:]
+                return ins, imgs, self._measure(ins, imgs, max_px)
+
+            d = int(min(np.searchsorted(-(n0 - saved), -budget), keep_from))  # first estimate <= budget
+            cur = measured(d)
+            while d < keep_from and cur[2][2] > budget:
+                d += 1
+                cur = measured(d)
+            while d > 0:
+                prev = measured(d - 1)
+                if prev[2][2] > budget:
+                    break
+                d, cur = d - 1, prev
+            if d:
+                instruction, images, (text, img_tok, n) = cur
+                turns_dropped, images_dropped = d, int(img_start[d])
+                blocks = blocks[d:]
                 rules.append("turns")
             parts = head, blocks, tail
 
@@ -371,7 +426,7 @@ class RecordEncoder:
             rules.append("over_limit")
         status = rules[-1] if rules else "full"
         plan = PromptPlan(
-            record_id=record.id,
+            record_id=record_id,
             instruction=instruction,
             text=text,
             images=tuple(images),
@@ -382,17 +437,45 @@ class RecordEncoder:
             turns_dropped=turns_dropped,
             images_dropped=images_dropped,
             chars_cut=chars_cut,
+            rules=tuple(rules),
         )
         assert plan.instruction.count(IMAGE_TOKEN) == len(plan.images)
         return plan, rules
 
     def plan_all(self, records: Sequence[Record]) -> tuple[list[PromptPlan], TruncationReport]:
-        report, plans = TruncationReport(), []
-        for r in records:
-            plan, rules = self._plan(r)
-            report.add(plan, rules)
-            plans.append(plan)
-        return plans, report
+        """The plans of ``records`` (through :func:`plan_dataset`) and their report."""
+        ds, report = plan_dataset(records, self)
+        return plans_of(ds), report
+
+    # ---- the dataset path (datasets.Dataset rows)
+    def _plan_rows(self, batch: dict[str, list]) -> dict[str, list]:
+        """``map`` function: the ``plan_*`` columns of a batch of :func:`to_hf_dataset` rows."""
+        out: dict[str, list] = {k: [] for k in PLAN_FEATURES}
+        for rid, instr, imgs, cands in zip(batch["id"], batch["instruction"], batch["images"],
+                                           batch["candidates"]):
+            plan, _ = self._plan_parts(rid, instr, [Path(p) for p in imgs], cands)
+            for k, v in plan.to_row().items():
+                out[k].append(v)
+        return out
+
+    def encode_rows(self, batch: dict[str, list]) -> dict[str, list]:
+        """``with_transform`` function: model inputs (see :meth:`encode`) of a batch of planned
+        rows, with the answer and its labels where the row has a ``label``."""
+        encs = [self.encode(PromptPlan.from_row({k: batch[k][i] for k in batch}),
+                            batch["label"][i] if "label" in batch else None)
+                for i in range(len(batch["id"]))]
+        return {k: [e[k] for e in encs] for k in ENCODED_KEYS}
+
+    @cached_property
+    def plan_key(self) -> str:
+        """What a plan depends on besides the record: the budget, pixel bounds, system
+        prompt, patch geometry and the tokenizer itself (its full serialisation)."""
+        tok = self.tokenizer
+        vocab = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok)
+        h = hashlib.sha256(json.dumps([PLAN_FORMAT, self.max_length, self.min_pixels,
+                                       self.max_pixels, self.system, self.patch, self.merge]).encode())
+        h.update(vocab.encode("utf-8"))
+        return h.hexdigest()
 
     # ---- encoding
     def encode(self, plan: PromptPlan, answer: str | None = None) -> dict[str, Any]:
@@ -439,33 +522,70 @@ class RecordEncoder:
         return t
 
 
-class SFTDataset(torch.utils.data.Dataset):
-    """Training examples; prompts planned up front, pixels processed lazily per item."""
+def _image_stamp(path: str) -> list:
+    """What an image contributes to a plan key: path, size and modification time."""
+    st = Path(path).stat()
+    return [path, st.st_size, st.st_mtime_ns]
 
-    def __init__(
-        self, records: Sequence[Record], encoder: RecordEncoder, *, drop_over_limit: bool = True
-    ):
-        unlabelled = [r.id for r in records if r.label is None]
-        if unlabelled:
-            raise ValueError(
-                f"{len(unlabelled)} training record(s) have no label, e.g. {unlabelled[0]}"
-            )
-        self.encoder = encoder
-        plans, self.report = encoder.plan_all(records)
-        keep = []
-        for r, p in zip(records, plans):
-            if drop_over_limit and p.status == "over_limit":
-                self.report.dropped_ids.append(r.id)
-            else:
-                keep.append((p, r.label))
-        self.items = keep
 
-    def __len__(self) -> int:
-        return len(self.items)
+def plan_dataset(
+    records: Sequence[Record], encoder: RecordEncoder, *, cache_dir: Path | str | None = None
+) -> tuple[datasets.Dataset, TruncationReport]:
+    """Records as a ``datasets.Dataset`` (:func:`~kdsl_utils.data.hf.to_hf_dataset`) with
+    their token plans added by ``map`` (``plan_*`` columns, :meth:`PromptPlan.to_row`), and
+    the truncation report of those plans.
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        plan, label = self.items[i]
-        return self.encoder.encode(plan, label)
+    The map's fingerprint is computed here from the records (ids, prompts, candidates, image
+    paths with size and mtime) and :attr:`RecordEncoder.plan_key`, rather than by hashing the
+    bound method (which would pickle the processor). With ``cache_dir`` the planned table is
+    an Arrow file named by that fingerprint there, and a later call with the same records and
+    encoder loads it instead of planning again."""
+    ds = to_hf_dataset(records)
+    h = hashlib.sha256(encoder.plan_key.encode())
+    for r in records:
+        h.update(json.dumps([r.id, r.instruction, list(r.candidates),
+                             [_image_stamp(str(p)) for p in r.images]]).encode())
+    fp = h.hexdigest()[:32]
+    cache_file = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"plan-{fp}.arrow")
+    with quiet_progress():
+        planned = ds.map(encoder._plan_rows, batched=True, batch_size=64,
+                         features=datasets.Features({**ds.features, **PLAN_FEATURES}),
+                         new_fingerprint=fp, cache_file_name=cache_file,
+                         load_from_cache_file=True)
+    return planned, TruncationReport.of_plans(plans_of(planned))
+
+
+def plans_of(ds: datasets.Dataset) -> list[PromptPlan]:
+    """The :class:`PromptPlan` of every row of a :func:`plan_dataset` table."""
+    return [PromptPlan.from_row(row) for row in ds.select_columns(["id", *PLAN_FEATURES]).to_list()]
+
+
+def sft_dataset(
+    records: Sequence[Record],
+    encoder: RecordEncoder,
+    *,
+    drop_over_limit: bool = True,
+    cache_dir: Path | str | None = None,
+) -> tuple[datasets.Dataset, TruncationReport]:
+    """Training examples: :func:`plan_dataset` without the over-limit records (their ids in
+    ``report.dropped_ids``), pixels processed lazily per item by ``with_transform``
+    (:meth:`RecordEncoder.encode_rows`: ``input_ids``, ``labels``, ``prompt_len``,
+    ``pixel_values``, ``image_grid_thw``), in record order."""
+    unlabelled = [r.id for r in records if r.label is None]
+    if unlabelled:
+        raise ValueError(
+            f"{len(unlabelled)} training record(s) have no label, e.g. {unlabelled[0]}"
+        )
+    ds, report = plan_dataset(records, encoder, cache_dir=cache_dir)
+    status = ds["plan_status"]
+    if drop_over_limit:
+        report.dropped_ids.extend(r.id for r, st in zip(records, status) if st == "over_limit")
+        ds = ds.select([i for i, st in enumerate(status) if st != "over_limit"])
+    ds = ds.with_transform(encoder.encode_rows, columns=["id", "label", *PLAN_FEATURES])
+    return ds, report
 
 
 class SFTCollator:

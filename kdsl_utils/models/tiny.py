@@ -19,7 +19,6 @@ is encodable, so a twin built from the training records also reads held-out reco
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,9 +27,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import tokenizers
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import (GenerationConfig, Qwen2Tokenizer, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from ..data import synth_templates
 from ..data.labels import ALL_LABELS
 from ..data.prompts import image_instruction, intent_instruction
 from ..data.records import Record
+from ..hashing import json_digest
 from .sft import SYSTEM_PROMPT, format_answer, format_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -108,10 +118,6 @@ def _strings(obj) -> Iterable[str]:
 def builtin_texts() -> list[str]:
     """Every string of the synthetic generator's text material (Chinese e-commerce speech,
     product words, screenshot vocabulary): a fixed corpus, independent of any data split."""
-    try:
-        from ..data import synth_templates
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return []
     return [
         s
         for name in sorted(vars(synth_templates))
@@ -136,10 +142,6 @@ def tiny_corpus(records: Iterable[Record] = ()) -> list[str]:
 
 def train_tokenizer(corpus: Sequence[str], vocab_size: int = 2000):
     """A Qwen2 tokenizer (byte-level BPE, Qwen2's regex and NFC) trained on ``corpus``."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     tk = Tokenizer(models.BPE())
     tk.normalizer = normalizers.NFC()
     tk.pre_tokenizer = pre_tokenizers.Sequence(
@@ -177,8 +179,6 @@ def train_tokenizer(corpus: Sequence[str], vocab_size: int = 2000):
 
 def tiny_config(tokenizer, arch: TinyArch = TinyArch()):
     """A Qwen2VLConfig of the twin's sizes with the tokenizer's special-token ids."""
-    from transformers import Qwen2VLConfig
-
     tid = tokenizer.convert_tokens_to_ids
     head_dim = arch.hidden // arch.heads
     if 2 * sum(arch.mrope_section) != head_dim:
@@ -236,10 +236,6 @@ def build_tiny_qwen2vl(
     arch: TinyArch = TinyArch(),
 ) -> Path:
     """Write the twin (model, tokenizer, image processor, chat template) to ``out_dir``."""
-    import torch
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(tiny_corpus(records), arch.vocab_size)
@@ -266,9 +262,6 @@ def cache_root() -> Path:
 
 
 def tiny_key(records: Iterable[Record] = (), *, seed: int = 0, arch: TinyArch = TinyArch()) -> str:
-    import tokenizers
-    import transformers
-
     payload = {
         "format": TINY_FORMAT,
         "seed": seed,
@@ -277,8 +270,7 @@ def tiny_key(records: Iterable[Record] = (), *, seed: int = 0, arch: TinyArch = 
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
-    blob = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest(payload, 16)
 
 
 def tiny_model_dir(

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.labels import ALL_LABELS, TASKS
+from ..data.splits import stratified_indices
 from .engine import (LABEL_INDEX, CombineFn, Observables, RuleEngine, RuleResult, make_override,
                      rules_table, weighted_f1)
 from .propose import ErrorExample, Proposer, errors_from
@@ -212,20 +213,11 @@ class EvalSet:
 
 def split_dev(y: np.ndarray, holdout_fraction: float, seed: int = 0) -> tuple[np.ndarray,
                                                                            np.ndarray]:
-    """Stratified (per label) split of a dev fold into search and held-out indices."""
-    y = np.asarray(y)
-    rng = np.random.default_rng(seed)
-    hold: list[int] = []
-    carry = 0.0
-    for lab in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == lab))
-        exact = len(idx) * holdout_fraction + carry
-        n_h = int(math.floor(exact))
-        carry = exact - n_h  # spread the rounding of small classes over labels
-        hold += idx[:n_h].tolist()
-    hold_arr = np.sort(np.array(hold, dtype=np.int64))
-    search = np.setdiff1d(np.arange(len(y)), hold_arr)
-    return search, hold_arr
+    """Stratified (per label) split of a dev fold into search and held-out indices
+    (:func:`kdsl_utils.data.splits.stratified_indices`, the package's one splitter; the
+    rounding carried over labels, so a dev fold of one-record labels still has a held-out part)."""
+    return stratified_indices(np.asarray(y).tolist(), holdout_fraction, seed, min_keep=0,
+                              carry=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 from scipy import sparse
 
 from ..data.labels import ALL_LABELS, IMAGE_TASK, LABEL_TO_TASK
+from ..hashing import stable_int
 from .engine import LABEL_INDEX, Observables, RuleEngine
 from .schema import FIELDS, Condition, Rule, RuleValidationError, rule_id_for, validate_rule
 
@@ -593,7 +593,7 @@ class LLMProposer(Proposer):
         task = LABEL_TO_TASK[target_label]
         fn = [e for e in errors if e.gold == target_label]
         fp = [e for e in errors if e.predicted == target_label and e.gold != target_label]
-        rng = np.random.default_rng([self.seed, zlib.crc32(target_label.encode())])
+        rng = np.random.default_rng([self.seed, stable_int(target_label)])
         n_fn = min(len(fn), max(self.max_examples - min(len(fp), self.max_examples // 3), 0))
         pick_fn = [fn[i] for i in sorted(rng.choice(len(fn), n_fn, replace=False))] if n_fn else []
         n_fp = min(len(fp), self.max_examples - n_fn)

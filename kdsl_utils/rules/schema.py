@@ -25,7 +25,6 @@ offending rule id and the problem.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +36,7 @@ from typing import Any
 import jsonschema
 
 from ..data.labels import IMAGE_LABELS, LABEL_TO_TASK, TASKS, near_miss
+from ..hashing import sha1_text
 from ..results import atomic_write
 
 SCHEMA_VERSION = "1.0"
@@ -240,7 +240,7 @@ def rule_id_for(task: str, label: str, conditions: Iterable[Condition], prefix: 
     payload = json.dumps([task, label, sorted(json.dumps(c.to_dict(), ensure_ascii=False,
                                                          sort_keys=True) for c in conditions)],
                          ensure_ascii=False)
-    return f"{prefix}{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
+    return f"{prefix}{sha1_text(payload, 10)}"
 
 
 def make_rule(task: str, label: str, conditions: Sequence[Condition], *, rationale: str = "",

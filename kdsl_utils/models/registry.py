@@ -1,0 +1,33 @@
+"""The backend of a profile, built or loaded: one factory for every caller (notebooks 01-03,
+:mod:`kdsl_utils.knowledge`, :mod:`kdsl_utils.seesaw`, the command line).
+
+``Profile.backend`` names the backend: ``mini`` → :class:`~.mini.MiniBackend` (CPU), else
+``qwen_vl`` → :class:`~.qwen_vl.QwenVLBackend` (profiles ``paper`` and ``tiny``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Profile
+from .mini import MiniBackend
+from .qwen_vl import QwenVLBackend
+
+BACKENDS = {"mini": MiniBackend, "qwen_vl": QwenVLBackend}
+
+
+def backend_class(cfg: Profile) -> type:
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"profile {cfg.name!r}: unknown backend {cfg.backend!r}; "
+                         f"known: {sorted(BACKENDS)}")
+    return BACKENDS[cfg.backend]
+
+
+def make_backend(cfg: Profile, **kwargs):
+    """A fresh (unfitted) backend of the profile; ``kwargs`` go to its constructor."""
+    return backend_class(cfg)(cfg, **kwargs)
+
+
+def load_backend(cfg: Profile, path: Path):
+    """A backend saved by ``backend.save(path)``, for the profile's backend type."""
+    return backend_class(cfg).load(path, cfg)
