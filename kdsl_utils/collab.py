@@ -5,16 +5,18 @@ Three strategies, each a ``CombineFn`` (``(proba (n, 48), RuleResult) -> label i
 that MCTS can optimise exactly what ships:
 
 * **override** — the first rule that fires (decision-list order) replaces the model's
-  argmax when its measured precision is at least ``threshold``
-  (:func:`kdsl_utils.rules.engine.override`);
+  argmax when its trust (precision) is at least ``threshold`` (:func:`override`; also the
+  reward of the rule search, so the search optimises what ships);
 * **fusion** — log-linear: ``score(y) = log p(y) + w · Σ_r match_r · [label_r = y] ·
   logit(precision_r)`` over *every* matching trusted rule (not only the first), restricted to
   the record's candidates (labels where the model puts zero mass never win);
 * **prompt injection** (paper profile) — the rules that match a record are written into the
   large model's prompt (:func:`inject_rules`) and the model scores the labels again.
 
-Parameters are chosen on the dev fold (:func:`choose_on_dev`), never on a test set. Per record
-the output keeps which source decided and which rule fired (:func:`decisions`).
+The strategy is chosen on the held-out part of the dev fold, which the rule search never
+scored (:func:`choose_on_dev`, :func:`ship`), never on a test set; a rule set ships only if
+its chosen strategy beats the model alone there. Per record the output keeps which source
+decided and which rule fired (:func:`decisions`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,39 @@ import pandas as pd
 
 from .data.labels import ALL_LABELS
 from .data.records import Record
-from .rules.engine import CombineFn, RuleResult, make_override, weighted_f1
+from .metrics import weighted_f1_idx
+from .rules.engine import CombineFn, RuleResult
+from .rules.mcts import EvalSet, SearchResult
 
 _EPS = 1e-6
+
+
+def override(pred_proba: Any, rule_result: RuleResult, precision_threshold: float,
+             min_support: int = 1) -> np.ndarray:
+    """Final label indices: the model's argmax, overridden where a rule fired whose precision
+    (``rule_result.precision``) is >= ``precision_threshold`` and whose support is >=
+    ``min_support``. ``pred_proba`` is a ``Predictions`` or an (n, 48) array."""
+    proba = np.asarray(getattr(pred_proba, "proba", pred_proba))
+    out = proba.argmax(axis=1).astype(np.int64)
+    if len(rule_result.rules) == 0:
+        return out
+    trusted = rule_result.precision >= precision_threshold  # NaN (unknown) is never trusted
+    if min_support > 1:
+        trusted &= rule_result.support >= min_support
+    f = rule_result.fired
+    use = (f >= 0) & trusted[np.maximum(f, 0)]
+    out[use] = rule_result.label_idx[use]
+    return out
+
+
+def make_override(precision_threshold: float, min_support: int = 1) -> CombineFn:
+    """``override`` with its threshold bound, in the ``CombineFn`` shape MCTS expects."""
+
+    def combine(proba: np.ndarray, result: RuleResult) -> np.ndarray:
+        return override(proba, result, precision_threshold, min_support)
+
+    combine.__name__ = f"override@{precision_threshold:g}"
+    return combine
 
 
 def fusion(proba: np.ndarray, result: RuleResult, weight: float = 1.0,
@@ -66,6 +98,7 @@ def make_fusion(weight: float = 1.0, min_precision: float = 0.5) -> CombineFn:
 def strategy_grid() -> dict[str, CombineFn]:
     """The candidate strategies ``choose_on_dev`` compares (name → combine function)."""
     grid: dict[str, CombineFn] = {}
+    grid["model"] = lambda proba, result: np.asarray(proba).argmax(axis=1).astype(np.int64)
     for t in (0.6, 0.7, 0.8, 0.9, 1.0):
         grid[f"override@{t:g}"] = make_override(t)
     for w in (0.25, 0.5, 1.0, 2.0):
@@ -80,11 +113,38 @@ def choose_on_dev(proba_dev: np.ndarray, result_dev: RuleResult, y_dev: np.ndarr
     family, dev_weighted_f1). Ties go to the earlier (simpler) entry."""
     grid = grid or strategy_grid()
     rows = [{"strategy": name, "family": name.split("@")[0],
-             "dev_weighted_f1": weighted_f1(np.asarray(y_dev), fn(proba_dev, result_dev))}
+             "dev_weighted_f1": weighted_f1_idx(np.asarray(y_dev), fn(proba_dev, result_dev))}
             for name, fn in grid.items()]
     table = pd.DataFrame(rows)
     best = table.loc[table["dev_weighted_f1"].idxmax(), "strategy"]
     return str(best), table
+
+
+def ship(result: SearchResult, holdout: EvalSet, grid: dict[str, CombineFn] | None = None
+         ) -> SearchResult:
+    """Choose the collaboration strategy for ``result``'s rules on the held-out part of the
+    dev fold (rules at their held-out trust, ``rules.mcts.trust``) and ship the rules only if
+    that strategy's weighted F1 there beats the model alone (strictly); otherwise the empty
+    rule set ships (``shipped=False``, strategy ``"model"``). The same function decides for
+    MCTS and top-N, so both get their own strategy by the same procedure.
+
+    The held-out part serves both the choice and the gate, so the gate is optimistic by the
+    best-of-grid selection (13 strategies); it is still out of sample for the search, which
+    is what the search-part gains were not."""
+    grid = grid or strategy_grid()
+    found = list(result.rules)
+    res = holdout.engine.apply(found)  # precision = the rules' stats: held-out trust
+    best, table = choose_on_dev(holdout.proba, res, holdout.y, grid)
+    base = weighted_f1_idx(holdout.y, holdout.base_pred)
+    gain = float(table.set_index("strategy").loc[best, "dev_weighted_f1"]) - base
+    table = table.assign(holdout_model_f1=base)
+    ok = bool(found) and gain > 1e-12
+    rest = table[table.strategy != "model"]  # for the diagnostic row without the gate
+    ungated = str(rest.loc[rest["dev_weighted_f1"].idxmax(), "strategy"])
+    return dataclasses.replace(result, rules=found if ok else [], found=found, shipped=ok,
+                               strategy=best if ok else "model", strategy_table=table,
+                               params={**result.params, "holdout_gain_chosen": gain,
+                                       "ungated_strategy": ungated})
 
 
 def decisions(proba: np.ndarray, result: RuleResult, final: np.ndarray) -> pd.DataFrame:

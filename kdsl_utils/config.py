@@ -103,15 +103,53 @@ class MiniCfg:
 
 @dataclass(frozen=True)
 class RulesCfg:
-    """Rule proposal and Monte Carlo Tree Search (DESIGN.md method points 3-4)."""
+    """Rule proposal and Monte Carlo Tree Search (DESIGN.md method points 3-4).
+
+    Exploration: measured with ``benchmarks/rules_realdata.py`` (real MIRE, mini, seed 0,
+    data proposer, test1 split and 4 cv folds): raw rewards with c = 1 give the root's three
+    children 10/10/10 visits in every run (the issue's symptom); normalised rewards with
+    c = 0.5 give 10/3/17, 3/25/2, 5/12/13, 2/25/3, 2/4/24 — the search follows the reward.
+    Neither setting changes the held-out verdict there (the found rules do not gain on the
+    held-out dev part in 4 of 5 runs either way), so the choice rests on the visit counts."""
 
     proposer: str = "llm"  # "llm" (small MLLM) | "data" (discriminative miner)
-    uct_c: float = 1.0
-    width: int = 3
-    depth: int = 5
+    uct_c: float = 0.5  # UCT exploration, on rewards min-max normalised over the tree (see mcts)
+    normalise_rewards: bool = True  # UCT on rewards rescaled to [0, 1] by the tree's min / max
+    width: int = 3  # children per expansion
+    depth: int = 8  # tree levels (rule-set size is bounded by max_rules, not by depth)
     iterations: int = 30
-    precision_threshold: float = 0.8
+    precision_threshold: float = 0.8  # override threshold of the search reward
     holdout_fraction: float = 0.3  # share of the dev fold kept out of the search (overfit check)
+    k: int = 5  # rules requested per proposer call
+    add_batch: int = 2  # proposed rules an "add" action inserts at once (size not tied to depth)
+    max_rules: int = 50
+    target: str = "roundrobin"  # add-action label: "roundrobin" over labels with errors |
+    #   "sample" (by error mass) | "most" (most errors; the old behaviour, repeats itself)
+    init_rules: str = ""  # rule-base JSON the searches start from (a name in rules/fixtures/
+    #   or a path); tiny's smoke runs start from a fixture, its model proposes no valid rule
+
+
+@dataclass(frozen=True)
+class ReprCfg:
+    """NoteLLM-2-style record representations (notebook 04, :mod:`kdsl_utils.representations`).
+
+    ``encoder="features"`` is the CPU recipe (e5 text side, EfficientNet + layout visual
+    side, trained gate and projections) in every profile: the Qwen2-VL mICL encoder of the
+    paper profile is not built yet, so ``paper`` runs this recipe too and says so."""
+
+    encoder: str = "features"  # only "features" exists (see above)
+    intent_images: bool = True  # OCR + embed the images inside dialogues (their image "word")
+    dim: int = 128  # common size of the projected text-side and visual-side embeddings
+    epochs: int = 40
+    batch_size: int = 64  # anchors per batch; each brings one related record (2x records)
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.1
+    temperature: float = 0.07  # initial value of the learnable contrastive temperature
+    visual_loss_weight: float = 0.5  # mICL: weight of the visual-side loss (multimodal: 1)
+    dialogue_copies: int = 1  # turn-dropout copies per intent record (related pairs)
+    k_grid: tuple[int, ...] = (1, 3, 5, 10, 20)  # kNN k, chosen on the dev fold
+    recall_ks: tuple[int, ...] = (1, 3, 5, 10, 20)  # recall@k of same-label retrieval
 
 
 @dataclass(frozen=True)
@@ -126,9 +164,22 @@ class Profile:
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     mini: MiniCfg = field(default_factory=MiniCfg)
     rules: RulesCfg = field(default_factory=RulesCfg)
+    repr: ReprCfg = field(default_factory=ReprCfg)  # notebook 04
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def rules_ocr(self) -> bool:
+        """Whether rules may test the OCR text of the images: where the profile's model reads
+        it too (mini with OCR on) and under ``paper`` (RapidOCR beside the MLLM); not ``tiny``
+        (its smoke runs stay OCR-free)."""
+        return (self.backend == "mini" and self.mini.ocr) or self.name == "paper"
+
+    @property
+    def ocr_workers(self) -> int:
+        """Processes for RapidOCR, whichever profile runs it (one setting: ``mini.workers``)."""
+        return self.mini.workers
 
 
 def _base(name: str) -> Profile:
@@ -148,7 +199,9 @@ def _base(name: str) -> Profile:
             train=TrainCfg(epochs=1.0, learning_rate=2e-2, batch_size=2, grad_accum=1, warmup_ratio=0.0,
                            lr_scheduler="constant",
                            max_steps=8, gradient_checkpointing=False, eval_batch_size=4),
-            rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2),
+            rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2,
+                           init_rules="synthetic_intent.json"),
+            repr=ReprCfg(epochs=3, dim=32, k_grid=(1, 3), recall_ks=(1, 3)),
         )
     raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
 

@@ -14,60 +14,192 @@ joint. Per layer (and over all layers):
   single-task updates has ``a = b = 1`` and ``r2_both = 1``; the part it leaves
   unexplained is what joint training learns that neither single-task run does.
 
-For LoRA the update of a weight is ``ΔW = B·A·scaling``; for the mini backend it is the
-change of the shared parameters. Inputs are dicts ``name -> array`` with equal keys and
-shapes.
+Every statistic is a function of the 3 × 3 Gram matrix ``G[i, j] = ⟨Δ_i, Δ_j⟩_F`` of the
+three updates (cosines and norms directly; the least-squares fit from the normal equations
+``G[:2, :2]·(a, b) = G[:2, 2]``, its residual ``G[2, 2] − (a, b)·G[:2, 2]``), and the ``ALL``
+row's Gram matrix is the sum of the layers'. So the updates are never concatenated, and a
+layer's update is never materialised when it is low-rank:
+
+* :class:`LowRank` — a LoRA update ``ΔW = s·B·A`` (``B``: out × r, ``A``: r × in), kept as
+  its factors. ``⟨s₁B₁A₁, s₂B₂A₂⟩_F = s₁s₂·tr((B₁ᵀB₂)(A₂A₁ᵀ))`` costs two r × r products
+  (accumulated in float64 over blocks of rows); against a dense ``D``,
+  ``⟨sBA, D⟩_F = s·Σ(B ⊙ (D·Aᵀ))``. Memory beyond the factors: r × r and one block,
+  independent of the layer's width. Qwen2-VL-7B's dense LoRA updates would be ~6.5e9
+  float32 values (~24 GiB) per run.
+* :class:`Difference` — a full fine-tune's update ``W_after − W_before`` of one layer, kept
+  as the two weights (e.g. bf16 on the CPU) and subtracted block by block in float64.
+* a dense array (numpy or torch, any shape) — e.g. the mini backend's trunk deltas; products
+  are taken block by block of rows in float64, so no float64 copy of a whole layer is made.
+
+Inputs are mappings ``name -> update`` with equal keys and shapes, one per run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
 import pandas as pd
 
+ROWS_PER_BLOCK = 1024  # dense products in float64 blocks of this many rows (bounded memory)
+RUNS = ("img", "int", "joint")
 
-def _flat(x) -> np.ndarray:
+
+def _np64(x) -> np.ndarray:
+    """A float64 numpy copy of a (small) tensor or array."""
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float64).ravel()
+    return np.asarray(x, dtype=np.float64)
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+def _rows(x) -> Any:
+    """``x`` as a 2-D (rows × cols) view without copying (a vector becomes one column)."""
+    if hasattr(x, "detach"):
+        x = x.detach()
+        return x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(-1, 1)
+    x = np.asarray(x)
+    return x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(-1, 1)
 
 
-def compare(d_img: np.ndarray, d_int: np.ndarray, d_joint: np.ndarray) -> dict[str, float]:
-    """The statistics above for three flat update vectors of equal length."""
-    X = np.stack([d_img, d_int], axis=1)
-    coef, *_ = np.linalg.lstsq(X, d_joint, rcond=None)
-    resid = d_joint - X @ coef
-    jj = float(d_joint @ d_joint)
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank update ``ΔW = scale·B·A`` (``B``: out × r, ``A``: r × in; torch or numpy)."""
+
+    B: Any
+    A: Any
+    scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.B.shape[0]), int(self.A.shape[1]))
+
+    def dense(self) -> np.ndarray:
+        """The materialised ΔW as float32 (out × in) — for tests and small models only."""
+        return (self.scale * (_np64(self.B) @ _np64(self.A))).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A dense update kept as two weights: ``ΔW = after − before`` (equal shapes)."""
+
+    after: Any
+    before: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.after.shape)
+
+    def dense(self) -> np.ndarray:
+        return (_np64(self.after) - _np64(self.before)).astype(np.float32)
+
+
+Update = Union[LowRank, Difference, np.ndarray, Any]  # Any: a torch tensor
+
+
+def _shape(u: Update) -> tuple[int, ...]:
+    return tuple(int(s) for s in u.shape)
+
+
+def _dense_blocks(u: Update):
+    """Yield ``(row_slice, float64 block)`` of a dense update (an array/tensor or a Difference)."""
+    if isinstance(u, Difference):
+        a, b = _rows(u.after), _rows(u.before)
+        for i in range(0, a.shape[0], ROWS_PER_BLOCK):
+            s = slice(i, i + ROWS_PER_BLOCK)
+            yield s, _np64(a[s]) - _np64(b[s])
+    else:
+        x = _rows(u)
+        for i in range(0, x.shape[0], ROWS_PER_BLOCK):
+            s = slice(i, i + ROWS_PER_BLOCK)
+            yield s, _np64(x[s])
+
+
+def _cross(x, y) -> np.ndarray:
+    """``xᵀ·y`` (k × k') in float64 for tall ``x`` (n × k), ``y`` (n × k'), summed over blocks
+    of rows so that only a block is ever copied to float64 (memory independent of n)."""
+    out = np.zeros((x.shape[1], y.shape[1]))
+    for i in range(0, x.shape[0], ROWS_PER_BLOCK):
+        out += _np64(x[i:i + ROWS_PER_BLOCK]).T @ _np64(y[i:i + ROWS_PER_BLOCK])
+    return out
+
+
+def inner(u: Update, v: Update) -> float:
+    """Frobenius inner product ``⟨u, v⟩`` of two updates of one layer, in float64."""
+    if isinstance(u, LowRank) and isinstance(v, LowRank):
+        if u.shape != v.shape:
+            raise ValueError(f"update shapes differ {u.shape} {v.shape}")
+        # tr((B1ᵀB2)(A2A1ᵀ)): two r×r products, nothing of size out×in
+        bb = _cross(u.B, v.B)  # B1ᵀB2
+        aa = _cross(v.A.T, u.A.T)  # A2A1ᵀ
+        return float(u.scale * v.scale * np.sum(bb * aa.T))
+    if isinstance(v, LowRank):
+        u, v = v, u
+    if isinstance(u, LowRank):  # ⟨sBA, D⟩ = s·Σ B ⊙ (D Aᵀ), D taken in row blocks
+        At, B = _np64(u.A).T, _np64(u.B)
+        if _shape(v) != u.shape:
+            raise ValueError(f"update shapes differ {_shape(u)} {_shape(v)}")
+        return float(u.scale * sum(np.sum(B[s] * (blk @ At)) for s, blk in _dense_blocks(v)))
+    if _shape(u) != _shape(v):
+        raise ValueError(f"update shapes differ {_shape(u)} {_shape(v)}")
+    return float(sum(np.sum(bu * bv) for (_, bu), (_, bv) in zip(_dense_blocks(u), _dense_blocks(v))))
+
+
+def gram(updates: tuple[Update, ...]) -> np.ndarray:
+    """The Gram matrix ``G[i, j] = ⟨u_i, u_j⟩_F`` (float64) of one layer's updates."""
+    k = len(updates)
+    g = np.zeros((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            g[i, j] = g[j, i] = inner(updates[i], updates[j])
+    return g
+
+
+def stats_from_gram(g: np.ndarray) -> dict[str, float]:
+    """The module's statistics from the 3 × 3 Gram matrix of (img, int, joint)."""
+    n = np.sqrt(np.clip(np.diag(g), 0.0, None))
+
+    def cos(i, j):
+        return float(g[i, j] / (n[i] * n[j])) if n[i] > 0 and n[j] > 0 else float("nan")
+
+    # least squares on the normal equations; lstsq gives the minimum-norm solution, which is
+    # pinv(X)·y as the dense fit would (one single-task update zero or both collinear)
+    coef, *_ = np.linalg.lstsq(g[:2, :2], g[:2, 2], rcond=None)
+    jj = float(g[2, 2])
+    # ‖y − Xc‖² = yᵀy − cᵀXᵀy at the optimum; rounding can take it a hair below 0
+    resid = max(jj - float(coef @ g[:2, 2]), 0.0)
     return {
-        "cos_img_int": _cos(d_img, d_int),
-        "cos_img_joint": _cos(d_img, d_joint),
-        "cos_int_joint": _cos(d_int, d_joint),
-        "r2_img": _cos(d_img, d_joint) ** 2,
-        "r2_int": _cos(d_int, d_joint) ** 2,
-        "r2_both": 1.0 - float(resid @ resid) / jj if jj > 0 else float("nan"),
+        "cos_img_int": cos(0, 1),
+        "cos_img_joint": cos(0, 2),
+        "cos_int_joint": cos(1, 2),
+        "r2_img": cos(0, 2) ** 2,
+        "r2_int": cos(1, 2) ** 2,
+        "r2_both": 1.0 - resid / jj if jj > 0 else float("nan"),
         "a_img": float(coef[0]), "b_int": float(coef[1]),
-        "norm_img": float(np.linalg.norm(d_img)), "norm_int": float(np.linalg.norm(d_int)),
-        "norm_joint": float(np.sqrt(jj)),
+        "norm_img": float(n[0]), "norm_int": float(n[1]), "norm_joint": float(n[2]),
     }
 
 
+def compare(d_img: Update, d_int: Update, d_joint: Update) -> dict[str, float]:
+    """The statistics above for three updates of one layer (or three flat vectors)."""
+    return stats_from_gram(gram((d_img, d_int, d_joint)))
+
+
 def interference_table(d_img: Mapping, d_int: Mapping, d_joint: Mapping) -> pd.DataFrame:
-    """One row per layer (parameter name) plus an ``ALL`` row over the concatenation."""
+    """One row per layer (parameter name) plus an ``ALL`` row over all layers together.
+
+    Streams layer by layer: only the 3 × 3 Gram matrices are kept (``ALL`` = their sum)."""
     names = list(d_joint)
     if set(names) != set(d_img) or set(names) != set(d_int):
         raise ValueError("the three update dicts must have the same parameter names")
-    rows, flats = [], {k: [] for k in ("img", "int", "joint")}
+    rows, total = [], np.zeros((3, 3))
     for n in names:
-        a, b, j = _flat(d_img[n]), _flat(d_int[n]), _flat(d_joint[n])
-        if not (a.shape == b.shape == j.shape):
-            raise ValueError(f"{n}: update shapes differ {a.shape} {b.shape} {j.shape}")
-        rows.append({"layer": n, **compare(a, b, j)})
-        flats["img"].append(a), flats["int"].append(b), flats["joint"].append(j)
-    rows.append({"layer": "ALL", **compare(*(np.concatenate(flats[k]) for k in ("img", "int", "joint")))})
+        ups = (d_img[n], d_int[n], d_joint[n])
+        if not (_shape(ups[0]) == _shape(ups[1]) == _shape(ups[2])):
+            raise ValueError(f"{n}: update shapes differ {[_shape(u) for u in ups]}")
+        g = gram(ups)
+        total += g
+        rows.append({"layer": n, **stats_from_gram(g)})
+    rows.append({"layer": "ALL", **stats_from_gram(total)})
     return pd.DataFrame(rows)

@@ -8,25 +8,34 @@
 3. Build the rules' **observables** per record (customer text, last turn, OCR text of the
    images, image count) and a **proposer** (small MLLM in ``paper``/``tiny``, data-driven
    miner in ``mini``).
-4. MCTS searches rule sets whose reward is the dev-fold F1 of the collaborative prediction
-   (:mod:`kdsl_utils.rules.mcts`); notebook 03 combines model and rules on the tests.
+4. MCTS searches rule sets whose reward is the dev-search F1 of the collaborative prediction
+   (:mod:`kdsl_utils.rules.mcts`); trust, strategy and whether the rules ship are decided on
+   the held-out part (:func:`kdsl_utils.collab.ship`); :mod:`kdsl_utils.kdsl_eval` scores
+   model and rules on the tests (notebooks 02 and 03).
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from . import collab
 from .config import Profile
-from .data.labels import ALL_LABELS, LABEL_TO_TASK
+from .data.labels import ALL_LABELS
 from .data.records import Record
 from .data.splits import stratified_split
+from .features import FeatureCache, ocr_images, ocr_text
 from .models.base import FitLog, Predictions
+from .models.registry import make_backend
 from .results import atomic_path
-from .rules.engine import Observables, RuleResult, build_observables, label_indices
+from .rules.engine import Observables, build_observables, concat_observables
+from .rules.mcts import EvalSet, SearchResult, mcts_search, top_n_rules
 from .rules.propose import DataProposer, LLMProposer, Proposer
+from .rules.schema import Rule, load_rulebase
 
 
 def dev_split(train: Sequence[Record], cfg: Profile, seed: int) -> tuple[list[Record], list[Record]]:
@@ -44,12 +53,6 @@ def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequen
     and score every split of ``score`` once. Returns ``(fit_log, {split: Predictions})``;
     the model is saved to ``save_to`` when given, then released (GPU memory included), so
     a second variant never holds two large models at once."""
-    import gc
-
-    import torch
-
-    from .models.registry import make_backend
-
     model = make_backend(cfg)
     log = model.fit(train, mix="joint", seed=seed, out_dir=out_dir)
     proba = {split: model.predict_proba(recs) for split, recs in score.items()}
@@ -86,42 +89,44 @@ def load_proba(path: Path | str) -> Predictions:
                        gold=[str(g) or None for g in z["gold"]])
 
 
-def gold(records: Sequence[Record], preds: Predictions | None = None) -> np.ndarray:
-    """Gold label indices (ALL_LABELS order), aligned with ``preds.ids`` when given."""
-    by_id = {r.id: r.label for r in records}
-    ids = preds.ids if preds is not None else [r.id for r in records]
-    return label_indices([by_id[i] for i in ids])
-
-
 def ocr_texts(records: Sequence[Record], *, workers: int = 2, progress: bool = True) -> dict[str, list[str]]:
     """OCR lines of every image, per record id (RapidOCR through the feature cache)."""
-    from .features import FeatureCache, ocr_images, ocr_text
-
     res = ocr_images([p for r in records for p in r.images], FeatureCache(), workers=workers,
                      progress=progress)
     return {r.id: [ocr_text(res.get(p)) for p in r.images] for r in records}
 
 
-def observables_for(records: Sequence[Record], *, ocr: bool, workers: int = 2) -> Observables:
-    """The fields rules may test, for ``records`` (OCR only when ``ocr``: it costs ~1 s/image
-    on a CPU core the first time, then comes from the cache)."""
-    return build_observables(records, ocr_texts=ocr_texts(records, workers=workers) if ocr else None)
+def observables_for(records: Sequence[Record], cfg: Profile) -> Observables:
+    """The fields rules may test, for ``records``: OCR text where the profile decides so
+    (``Profile.rules_ocr``; ~1 s per image on a CPU core the first time, then from the
+    feature cache, with ``Profile.ocr_workers`` processes)."""
+    ocr = ocr_texts(records, workers=cfg.ocr_workers) if cfg.rules_ocr else None
+    return build_observables(records, ocr_texts=ocr)
 
 
-def make_proposer(cfg: Profile, fit_obs: Observables, *, seed: int,
+def proposers(cfg: Profile) -> tuple[str, ...]:
+    """Proposers notebook 02 runs: the profile's own first (its rows are KDSL's), then the
+    data-driven miner as a baseline where the profile's proposer is another one (so every
+    profile, ``tiny`` included, carries mined rules through 02 and 03)."""
+    return (cfg.rules.proposer,) + (("data",) if cfg.rules.proposer != "data" else ())
+
+
+def make_proposer(cfg: Profile, teach: Observables, *, kind: str, seed: int,
                   generate: Callable[[str], str] | None = None,
                   count_tokens: Callable[[str], int] | None = None) -> Proposer:
-    """The profile's proposer: ``data`` → DataProposer; ``llm`` → LLMProposer over ``generate``
-    (the small MLLM's text generation)."""
-    if cfg.rules.proposer == "data":
-        return DataProposer(fit_obs, seed=seed)
+    """A proposer of ``kind``: ``data`` → DataProposer mined on ``teach``; ``llm`` →
+    LLMProposer over ``generate`` (the small model's text generation)."""
+    if kind == "data":
+        return DataProposer(teach, seed=seed)
+    if kind != "llm":
+        raise ValueError(f"unknown proposer {kind!r}: 'data' or 'llm'")
     if generate is None:
         raise ValueError("the llm proposer needs the small model's generate(prompt) -> str")
-    return LLMProposer(generate, train=fit_obs, count_tokens=count_tokens, seed=seed)
+    return LLMProposer(generate, train=teach, count_tokens=count_tokens, seed=seed)
 
 
 def majority_labels(train: Sequence[Record]) -> dict[str, int]:
-    """Most frequent training label index per task (the rules-only fallback)."""
+    """Most frequent training label index per task (the fallback of "rules + majority")."""
     out = {}
     for task in {r.task for r in train}:
         labs = [r.label for r in train if r.task == task]
@@ -129,44 +134,67 @@ def majority_labels(train: Sequence[Record]) -> dict[str, int]:
     return out
 
 
-def rules_only(result: RuleResult, tasks: Sequence[str], fallback: dict[str, int]) -> np.ndarray:
-    """Labels from the rules alone: the first firing rule's label, else the task's majority
-    training label (so coverage, not just precision, shows in the F1)."""
-    fb = np.array([fallback[t] for t in tasks], dtype=np.int64)
-    return np.where(result.fired >= 0, result.label_idx, fb)
+#: Rule bases shipped with the package (``RulesCfg.init_rules`` names one of them).
+FIXTURES = Path(__file__).parent / "rules" / "fixtures"
 
 
-def task_of(label_idx: np.ndarray) -> list[str]:
-    return [LABEL_TO_TASK[ALL_LABELS[i]] for i in label_idx]
+def init_rules(cfg: Profile) -> list[Rule]:
+    """The rules the profile's searches start from (``RulesCfg.init_rules``; none by
+    default). ``tiny`` starts from a fixture mined on synthetic data of another seed, so its
+    smoke runs carry real rules although its random model proposes no valid one."""
+    name = cfg.rules.init_rules
+    if not name:
+        return []
+    path = FIXTURES / name if (FIXTURES / name).is_file() else Path(name)
+    return list(load_rulebase(path).rules)
 
 
-def search_rules(cfg: Profile, fit_obs: Observables, dev, *, seed: int,
+def search_rules(cfg: Profile, fit_obs: Observables, dev: EvalSet, *, seed: int,
                  make: Callable[[Observables], Proposer], progress: bool = True,
-                 top_n: bool = True):
-    """MCTS over rule sets on the dev fold, and the top-N baseline at the same proposer budget.
+                 top_n: bool = True) -> tuple[SearchResult, SearchResult | None]:
+    """MCTS over rule sets on the dev fold, and the top-N baseline matched to it, each shipped
+    or not by ``collab.ship`` on the held-out part.
 
     ``dev`` is an ``EvalSet`` (observables, gold indices, model probabilities). The proposer
     (built by ``make`` from training observables) learns from the fit part plus the dev
     fold's *search* part — the errors the search sees — never from its held-out part.
-    Returns ``(mcts_result, topn_result)`` (``topn_result`` None unless ``top_n``).
+    Top-N gets MCTS's proposal requests (calls + cache hits), MCTS's rule count (before the
+    ship gate) and a fresh proposer. Returns ``(mcts, topn)`` (``topn`` None unless
+    ``top_n``).
     """
-    from .rules.engine import concat_observables
-    from .rules.mcts import mcts_search, search_params, top_n_rules
-
-    params = search_params(cfg.rules)
-    search_part, _ = dev.split(params["holdout_fraction"], seed)
+    search_part, holdout = dev.split(cfg.rules.holdout_fraction, seed)
     teach = concat_observables(fit_obs, search_part.obs)
-    mcts = mcts_search(make(teach), dev, seed=seed, progress=progress, **params)
+    combine = collab.make_override(cfg.rules.precision_threshold)
+    init = init_rules(cfg)
+    mcts = collab.ship(mcts_search(make(teach), dev, cfg.rules, combine=combine, seed=seed,
+                                   progress=progress, init_rules=init), holdout)
     if not top_n:
         return mcts, None
-    budget = max(1, int(mcts.cost.get("calls", 1)))
-    topn = top_n_rules(make(teach), dev, budget=budget, seed=seed,
-                       precision_threshold=params["precision_threshold"],
-                       holdout_fraction=params["holdout_fraction"])
-    return mcts, topn
+    topn = top_n_rules(make(teach), dev, cfg.rules, budget=max(1, int(mcts.cost["requests"])),
+                       n_rules=len(mcts.found or ()), combine=combine, seed=seed,
+                       init_rules=init)
+    return mcts, collab.ship(topn, holdout)
 
 
-def dev_precision(rules, dev) -> np.ndarray:
-    """Each rule's precision measured on the whole dev fold (decision-list order): the
-    trust estimate used on the test splits."""
-    return dev.engine.apply(list(rules), y=dev.y).precision
+def search_all(cfg: Profile, fit_obs: Observables, dev_sets: dict[str, EvalSet], *, seed: int,
+               make: dict[str, Callable[[Observables], Proposer]], progress: bool = True
+               ) -> dict[str, tuple[SearchResult, str]]:
+    """Every search notebook 02 runs, by rule set name (``kdsl_eval.rule_set_name``) →
+    (shipped result, model variant): per proposer of ``proposers(cfg)`` MCTS on the KDSL
+    model; for the profile's own proposer also the matched top-N and, where ``dev_sets``
+    holds the no-augmentation model, that model's own search. ``make``: proposer kind →
+    factory from training observables."""
+    out: dict[str, tuple[SearchResult, str]] = {}
+    for kind in proposers(cfg):
+        own = kind == cfg.rules.proposer
+        mcts, topn = search_rules(cfg, fit_obs, dev_sets["kdsl"], seed=seed, make=make[kind],
+                                  progress=progress, top_n=own)
+        out[f"mcts@{kind}"] = (mcts, "kdsl")
+        if topn is not None:
+            out[f"top_n@{kind}"] = (topn, "kdsl")
+        if own and "no_aug" in dev_sets:  # the ablation's own search: its rules, its model
+            out[f"mcts_noaug@{kind}"] = (search_rules(cfg, fit_obs, dev_sets["no_aug"],
+                                                      seed=seed, make=make[kind],
+                                                      progress=progress, top_n=False)[0],
+                                         "no_aug")
+    return out

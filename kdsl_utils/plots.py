@@ -174,3 +174,55 @@ def report_figures(paths: Mapping[str, Path], fig_dir: Path | str, label: str) -
         it = read_table(Path(paths["02_mcts_rules"]) / "iterations.csv", ["best_reward"])
         made.append(save(search_curve(it, title=f"MCTS ({label})"), fig_dir / "search_curve.png"))
     return made
+
+
+def recall_curves(metrics: pd.DataFrame, split: str, title: str = "") -> plt.Figure:
+    """Recall@k of same-label retrieval against k, one line per representation variant,
+    one panel per task (pooled, image, intent).
+
+    ``metrics``: tidy rows (notebook 04's metrics.csv) with metrics ``recall@<k>``.
+    """
+    style()
+    m = metrics[(metrics.split == split) & metrics.metric.str.startswith("recall@")].copy()
+    m["k"] = m.metric.str.slice(len("recall@")).astype(int)
+    tasks = [t for t in ("pooled", "image", "intent") if t in set(m.task)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        sns.lineplot(data=m[m.task == task], x="k", y="value", hue="variant", marker="o",
+                     errorbar="sd", ax=ax, legend=task == tasks[-1])
+        ax.set_xscale("log")
+        ax.minorticks_off()  # only the measured k are labelled
+        ax.set_xticks(sorted(m.k.unique()), [str(k) for k in sorted(m.k.unique())])
+        ax.set_title(f"{split} · {task}")
+        ax.set_ylabel("recall@k (same label in top k)")
+        ax.set_ylim(0, 1.02)
+    if len(tasks):
+        axes[0][-1].legend(title="variant", bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def embedding_map(projection: pd.DataFrame, title: str = "") -> plt.Figure:
+    """2-D projection of test embeddings coloured by gold label, one panel per task.
+
+    ``projection``: columns task, label, x, y (one variant, one split).
+    """
+    style()
+    tasks = [t for t in ("image", "intent") if t in set(projection.task)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 5.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        sub = projection[projection.task == task]
+        sns.scatterplot(data=sub, x="x", y="y", hue="label", palette="tab20", s=28, ax=ax,
+                        legend=sub.label.nunique() <= 25)
+        ax.set_title(f"{task} · {sub.label.nunique()} labels")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        if ax.get_legend() is not None:
+            ax.legend(fontsize=6, ncol=2, bbox_to_anchor=(1.0, 1), loc="upper left", title="")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

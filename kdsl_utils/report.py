@@ -16,9 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from .metrics import bootstrap_ci
+from .data.labels import TASKS
+from .metrics import bootstrap_ci, weighted_f1_idx
 from .results import ResultsFileError, atomic_write, read_metrics, read_run_json
 
 #: Display names and order of the results table's rows (variant → name). Variants of
@@ -28,9 +30,18 @@ ROWS = {
     "01:joint": "Joint fine-tune, full train (challenge baseline recipe)",
     "01:single_pair": "Single-task fine-tunes (two specialists)",
     "model": "Joint fine-tune, train minus dev fold (KDSL's large model)",
-    "rules_only[mcts]": "Rules only (MCTS rule base)",
-    "kdsl": "KDSL: fine-tuned model + MCTS rules (strategy chosen on dev)",
-    "kdsl[top_n]": "Ablation: no MCTS (top-N proposed rules, same budget)",
+    "rules+majority[mcts@data]": "Rules + majority-label fallback (data-driven miner's MCTS rules)",
+    "rules+majority[mcts@llm]": "Rules + majority-label fallback (small LM's MCTS rules)",
+    "kdsl": "KDSL: model + MCTS rules of the profile's proposer (trust, strategy, shipping "
+            "decided on held-out dev)",
+    "kdsl[mcts@data]": "KDSL with the data-driven miner's rules",
+    "kdsl[mcts@llm]": "KDSL with the small LM's rules",
+    "kdsl[top_n]": "Ablation: no MCTS (top-N, N = MCTS's rule count, same proposal requests, "
+                   "own strategy)",
+    "kdsl_ungated[mcts@data]": "Diagnostic: model + every rule MCTS found, ship gate skipped "
+                               "(data-driven miner)",
+    "kdsl_ungated[mcts@llm]": "Diagnostic: model + every rule MCTS found, ship gate skipped "
+                              "(small LM)",
     "model[no_aug]": "Ablation: large model fine-tuned without augmentation",
     "kdsl[no_aug]": "Ablation: no augmentation (KDSL pipeline on that model)",
 }
@@ -55,10 +66,47 @@ def ci_rows(y_true: Sequence[str], y_pred: Sequence[str], tasks: Sequence[str], 
     return rows
 
 
+def paired_gain_ci(y_true: np.ndarray, pred: np.ndarray, base: np.ndarray,
+                   tasks: Sequence[str], *, n_boot: int = 1000, seed: int = 0,
+                   alpha: float = 0.05) -> pd.DataFrame:
+    """Weighted-F1 gain of ``pred`` over ``base`` (label indices, same records) with a
+    **paired** percentile bootstrap CI: each resample draws one set of records and scores
+    both predictions on it, so the CI is of the difference, not of two independent F1s.
+    Rows ``task`` (``pooled`` and each task), ``gain``, ``lo``, ``hi``, ``n`` (records)."""
+    y, a, b = (np.asarray(v, dtype=np.int64) for v in (y_true, pred, base))
+    tk = np.asarray(tasks)
+    rng = np.random.default_rng(seed)
+    groups = {"pooled": np.ones(len(y), bool), **{t: tk == t for t in TASKS if (tk == t).any()}}
+    samples = {g: np.empty(n_boot) for g in groups}
+    for i in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        for g, m in groups.items():
+            j = idx[m[idx]]
+            samples[g][i] = (weighted_f1_idx(y[j], a[j]) - weighted_f1_idx(y[j], b[j])
+                             if len(j) else np.nan)
+    rows = []
+    for g, m in groups.items():
+        lo, hi = np.nanquantile(samples[g], [alpha / 2, 1 - alpha / 2])
+        rows.append({"task": g, "gain": weighted_f1_idx(y[m], a[m]) - weighted_f1_idx(y[m], b[m]),
+                     "lo": float(lo), "hi": float(hi), "n": int(m.sum())})
+    return pd.DataFrame(rows)
+
+
+def gain_rows(y_true: np.ndarray, pred: np.ndarray, base: np.ndarray, tasks: Sequence[str], *,
+              n_boot: int = 1000, boot_seed: int = 0, **ids: Any) -> list[dict[str, Any]]:
+    """:func:`paired_gain_ci` as tidy rows: metrics ``gain_vs_model``, ``gain_vs_model_lo``,
+    ``gain_vs_model_hi`` (weighted-F1 fractions); ``ids`` fill the other columns."""
+    ci = paired_gain_ci(y_true, pred, base, tasks, n_boot=n_boot, seed=boot_seed)
+    return [{**ids, "task": r.task, "metric": f"gain_vs_model{suffix}", "value": r[col]}
+            for _, r in ci.iterrows() for suffix, col in (("", "gain"), ("_lo", "lo"),
+                                                          ("_hi", "hi"))]
+
+
 def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None) -> pd.DataFrame:
     """Wide table: one row per variant (display name), columns ``split/task`` holding
     ``mean [lo, hi]`` of weighted F1 (mean over seeds; CI of the first seed when present),
-    plus the number of seeds."""
+    plus the number of seeds, and per split the pooled gain over the model with its paired
+    95% CI (``Δ split``, points) where the metrics hold one."""
     rows = rows or ROWS
     wf1 = metrics[metrics.metric == "weighted_f1"]
     out = []
@@ -76,6 +124,13 @@ def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None) -> 
             if len(lo) and len(hi):
                 cell += f" [{lo.value.iloc[0]:.3f}, {hi.value.iloc[0]:.3f}]"
             rec[f"{split} · {task}"] = cell
+        for split in sorted(g.split.unique()):
+            d = metrics[(metrics.variant == variant) & (metrics.split == split)
+                        & (metrics.task == "pooled")].set_index("metric").value
+            if "gain_vs_model" in d:
+                rec[f"Δ {split}"] = (f"{100 * d['gain_vs_model']:+.2f} "
+                                     f"[{100 * d['gain_vs_model_lo']:+.2f}, "
+                                     f"{100 * d['gain_vs_model_hi']:+.2f}]")
         out.append(rec)
     table = pd.DataFrame(out)
     cols = ["row", "seeds"] + sorted(c for c in table.columns if c not in ("row", "seeds"))
@@ -84,13 +139,21 @@ def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None) -> 
 
 def gains_vs_paper(metrics: pd.DataFrame, ours: str = "kdsl", base: str = "model") -> pd.DataFrame:
     """Pooled weighted-F1 gain of KDSL over its own large model, in points, per test split,
-    beside the paper's reported gain over its state of the art."""
-    wf1 = metrics[(metrics.metric == "weighted_f1") & (metrics.task == "pooled")]
+    with its paired bootstrap 95% CI where the metrics hold one (``gain_rows``), beside the
+    paper's reported gain over its state of the art."""
+    pooled = metrics[metrics.task == "pooled"]
+    wf1 = pooled[pooled.metric == "weighted_f1"]
     out = []
     for split in sorted(wf1.split.unique()):
         a = wf1[(wf1.variant == ours) & (wf1.split == split)].value.mean()
         b = wf1[(wf1.variant == base) & (wf1.split == split)].value.mean()
+        g = pooled[(pooled.variant == ours) & (pooled.split == split)]
+        ci = {m: g[g.metric == m].value.iloc[0] for m in ("gain_vs_model_lo", "gain_vs_model_hi")
+              if (g.metric == m).any()}
         out.append({"split": split, "ours: KDSL − its large model (points)": round(100 * (a - b), 2),
+                    "paired 95% CI (points)": (f"[{100 * ci['gain_vs_model_lo']:+.2f}, "
+                                               f"{100 * ci['gain_vs_model_hi']:+.2f}]")
+                    if len(ci) == 2 else None,
                     "paper: KDSL − state of the art (points)": PAPER_GAINS.get(split)})
     return pd.DataFrame(out)
 
@@ -123,6 +186,27 @@ def _existing_sections(block: str) -> dict[str, str]:
     return found
 
 
+def _block_span(path: Path, text: str, markers: tuple[str, str]) -> tuple[int, int]:
+    """Start and end offsets of the text between ``markers``, which must each occur once."""
+    start, end = markers
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path}: expected one block between {start} and {end}")
+    return text.index(start) + len(start), text.index(end)
+
+
+def write_marked_block(path: Path | str, body: str, markers: tuple[str, str] = _MARK) -> bool:
+    """Replace the text between ``markers`` (each once in the file) of a markdown file with
+    ``body`` (the benchmarks' README tables; the results section through
+    :func:`write_readme_section`). Written atomically; True if it changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    i, j = _block_span(path, text, markers)
+    new = text[:i] + "\n" + body.strip() + "\n" + text[j:]
+    if new != text:
+        atomic_write(path, new)
+    return new != text
+
+
 def write_readme_section(readme: Path | str, header: str, sections: Mapping[str, str]) -> bool:
     """Rewrite the results section of ``readme`` between its markers: ``header`` first, then
     one subsection per key (:func:`section_key`), sorted. ``sections`` are the runs this
@@ -132,10 +216,7 @@ def write_readme_section(readme: Path | str, header: str, sections: Mapping[str,
     ``P/D/seed0``). Written atomically; True if the file changed."""
     path = Path(readme)
     text = path.read_text(encoding="utf-8")
-    start, end = _MARK
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(f"{path}: expected one results section between {start} and {end}")
-    i, j = text.index(start) + len(start), text.index(end)
+    i, j = _block_span(path, text, _MARK)
     merged = {k: v for k, v in _existing_sections(text[i:j]).items()
               if not any(n == k or n.startswith(k + "/") for n in sections)}
     merged.update({k: v.strip() for k, v in sections.items()})
@@ -144,10 +225,7 @@ def write_readme_section(readme: Path | str, header: str, sections: Mapping[str,
         parts += [f"<!-- results:{key} -->", merged[key], f"<!-- /results:{key} -->", ""]
     if not merged:
         parts += ["No finished runs found.", ""]
-    new = text[:i] + "\n" + "\n".join(parts) + text[j:]
-    if new != text:
-        atomic_write(path, new)
-    return new != text
+    return write_marked_block(path, "\n".join(parts), _MARK)
 
 
 def find_runs(results_root: Path | str, include_smoke: bool = False) -> pd.DataFrame:

@@ -7,11 +7,17 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from kdsl_utils.collab import choose_on_dev, decisions, fusion, inject_rules, make_fusion
+import pytest
+
+from kdsl_utils.collab import (choose_on_dev, decisions, fusion, inject_rules, make_fusion,
+                               make_override, ship)
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
 from kdsl_utils.data.prompts import intent_instruction
 from kdsl_utils.data.records import Record, Turn
-from kdsl_utils.rules.engine import RuleEngine, build_observables, make_override
+from kdsl_utils.metrics import weighted_f1_idx
+from kdsl_utils.report import gain_rows, paired_gain_ci
+from kdsl_utils.rules.engine import RuleEngine, build_observables
+from kdsl_utils.rules.mcts import EvalSet, SearchResult
 from kdsl_utils.rules.schema import Condition, make_rule
 
 A, B = INTENT_LABELS[0], INTENT_LABELS[7]  # 反馈密封性不好, 商品材质
@@ -81,3 +87,43 @@ def test_inject_rules_keeps_label_list_last():
     assert out.instruction.rstrip().endswith(rec.instruction.rstrip()[-30:])
     assert out.instruction.index("参考规则") > out.instruction.index("<用户与客服的对话 END>")
     assert inject_rules(rec, []) is rec
+
+
+def _ship_case(rule_word):
+    """A held-out part of 6 records where the model says A everywhere and half are B."""
+    recs = _records(["这是什么材质", "材质如何", "材质呢", "漏水了", "漏了", "又漏"])
+    y = np.array([IB, IB, IB, IA, IA, IA])
+    obs = build_observables(recs)
+    ev = EvalSet(obs, y, _proba(6))
+    rule = make_rule("intent", B, [Condition("user_text", "keyword_any", (rule_word,))],
+                     stats={"support": 5, "precision": 0.9})
+    res = SearchResult("mcts", [rule], 0, 0, 0, 0, pd.DataFrame(), {}, pd.DataFrame())
+    return res, ev
+
+
+def test_ship_only_what_gains_on_the_held_out_part():
+    good, ev = _ship_case("材质")
+    shipped = ship(good, ev)
+    assert shipped.shipped and shipped.rules == good.rules and shipped.strategy != "model"
+    assert shipped.params["holdout_gain_chosen"] > 0
+    bad, ev = _ship_case("漏")  # fires on the A records only: every strategy loses or ties
+    kept = ship(bad, ev)
+    assert not kept.shipped and kept.rules == [] and kept.found == bad.rules
+    assert kept.strategy == "model" and kept.params["holdout_gain_chosen"] <= 0
+
+
+def test_paired_gain_ci():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    base = np.where(rng.random(300) < 0.6, y, (y + 1) % 5)
+    better = np.where(rng.random(300) < 0.5, y, base)  # fixes about half of base's errors
+    tasks = ["intent"] * 300
+    ci = paired_gain_ci(y, better, base, tasks, n_boot=300, seed=0).set_index("task")
+    assert ci.loc["pooled", "gain"] == pytest.approx(weighted_f1_idx(y, better)
+                                                     - weighted_f1_idx(y, base))
+    assert 0 < ci.loc["pooled", "lo"] <= ci.loc["pooled", "gain"] <= ci.loc["pooled", "hi"]
+    same = paired_gain_ci(y, base, base, tasks, n_boot=50).set_index("task")
+    assert (same[["gain", "lo", "hi"]] == 0).all().all()  # paired: no spread of a null change
+    rows = gain_rows(y, better, base, tasks, n_boot=50, variant="kdsl")
+    assert {r["metric"] for r in rows} == {"gain_vs_model", "gain_vs_model_lo",
+                                           "gain_vs_model_hi"}

@@ -8,12 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdsl_utils.config import resolve
+import dataclasses
+
+from kdsl_utils import kdsl_eval
+from kdsl_utils.collab import make_override, ship
+from kdsl_utils.config import RulesCfg, resolve
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
 from kdsl_utils.data.records import USER, Record, Turn
-from kdsl_utils.rules import (Condition, EvalSet, Proposer, TreeSearch, build_observables,
-                              concat_observables, label_indices, make_rule, mcts_search, prune_rules, search_params,
-                              split_dev, top_n_rules)
+from kdsl_utils.models.base import Predictions
+from kdsl_utils.rules import (Condition, DataProposer, EvalSet, Proposer, TreeSearch, build_observables,
+                              concat_observables, label_indices, make_rule, mcts_search, prune_rules,
+                              split_dev, top_n_rules, trust)
 
 # ------------------------------------------------------------------------------ generic UCT
 
@@ -95,6 +100,13 @@ def _c(word, negate=False):
     return Condition("user_text", "keyword_any", (word,), negate)
 
 
+COMBINE = make_override(0.8)
+
+
+def _cfg(**kw) -> RulesCfg:
+    return dataclasses.replace(RulesCfg(proposer="data"), **kw)
+
+
 class FakeProposer(Proposer):
     """Deterministic canned rules per label; counts calls like a real proposer."""
 
@@ -111,20 +123,24 @@ class FakeProposer(Proposer):
                                  stats={"support": 5, "precision": 1.0})],
         }
 
-    def _propose(self, target_label, errors, k, call):
+    def _propose(self, target_label, errors, k, call, context=()):
         assert all(e.gold != e.predicted for e in errors)
-        return self.bank.get(target_label, [])[:k]
+        have = {r.key for r in context}
+        return [r for r in self.bank.get(target_label, []) if r.key not in have][:k]
 
 
 def test_rule_search_finds_the_fix_and_reports():
     dev = _dev()
     prop = FakeProposer()
-    res = mcts_search(prop, dev, iterations=12, width=3, depth=3, holdout_fraction=0.25, seed=3)
+    res = mcts_search(prop, dev, _cfg(iterations=12, width=3, depth=3, holdout_fraction=0.25),
+                      combine=COMBINE, seed=3)
     assert res.search_base < 1.0 and res.search_reward == pytest.approx(1.0)
     assert res.holdout_base < 1.0 and res.holdout_reward == pytest.approx(1.0)
     assert [r.id for r in res.rules] == ["good-leak"]  # pruned to what matters
     r = res.rules[0]
-    assert r.stats["fold"] == "dev_holdout" and r.stats["precision"] == 1.0
+    assert r.stats["fold"] == "dev_holdout" and r.stats["holdout_precision"] == 1.0
+    # trust: held-out precision (3/3) shrunk towards the training precision 0.9 with m = 2
+    assert r.stats["precision"] == pytest.approx((3 + 2 * 0.9) / (3 + 2))
     assert r.provenance["search_stats"]["fold"] == "dev_search"
     assert r.provenance["train_stats"]["precision"] == 0.9
     assert res.params["n_search"] + res.params["n_holdout"] == len(dev)
@@ -134,7 +150,8 @@ def test_rule_search_finds_the_fix_and_reports():
     assert tr["is_best"].sum() == 1 and tr.loc[0, "visits"] == 12
     assert tr.loc[tr["is_best"], "reward"].item() == pytest.approx(1.0)
     assert len(res.iterations) == 12 and res.iterations["best_reward"].is_monotonic_increasing
-    assert res.cost["calls"] == prop.calls >= 1 and res.cost["cache_hits"] >= 1
+    assert res.cost["calls"] == prop.calls >= 1
+    assert res.cost["requests"] == prop.calls + prop.cache_hits
     assert res.cost["reward_evals"] >= 1 and res.cost["wall_s"] > 0
     m = res.metrics
     assert set(m["split"]) == {"search", "holdout"} and set(m["task"]) == {"pooled", "image",
@@ -145,15 +162,15 @@ def test_rule_search_finds_the_fix_and_reports():
 
 
 def test_rule_search_is_deterministic_and_combine_is_pluggable():
-    a = mcts_search(FakeProposer(), _dev(), iterations=8, seed=1)
-    b = mcts_search(FakeProposer(), _dev(), iterations=8, seed=1)
+    a = mcts_search(FakeProposer(), _dev(), _cfg(iterations=8), combine=COMBINE, seed=1)
+    b = mcts_search(FakeProposer(), _dev(), _cfg(iterations=8), combine=COMBINE, seed=1)
     cols = ["node", "parent", "action", "reward", "visits"]
     assert a.trace[cols].equals(b.trace[cols])
 
     def model_only(proba, result):
         return proba.argmax(axis=1)
 
-    c = mcts_search(FakeProposer(), _dev(), iterations=4, combine=model_only, seed=1)
+    c = mcts_search(FakeProposer(), _dev(), _cfg(iterations=4), combine=model_only, seed=1)
     assert c.search_reward == c.search_base and c.rules == [] and c.params["combine"] == \
         "model_only"
 
@@ -161,8 +178,8 @@ def test_rule_search_is_deterministic_and_combine_is_pluggable():
 def test_actions_specialise_generalise_drop():
     dev = _dev()
     prop = FakeProposer()
-    res = mcts_search(prop, dev, iterations=25, width=3, depth=4, seed=0, prune=False,
-                      action_weights={"add": 0.4, "specialise": 0.2, "generalise": 0.2,
+    res = mcts_search(prop, dev, _cfg(iterations=25, width=3, depth=4, add_batch=1),
+                      combine=COMBINE, seed=0, prune=False, action_weights={"add": 0.4, "specialise": 0.2, "generalise": 0.2,
                                       "drop": 0.2})
     kinds = {a.split()[0] for a in res.trace["action"]}
     assert {"add", "drop"} <= kinds and kinds & {"specialise", "generalise"}
@@ -175,8 +192,9 @@ def test_actions_specialise_generalise_drop():
 
 def test_top_n_baseline_respects_budget():
     prop = FakeProposer()
-    res = top_n_rules(prop, _dev(), budget=1, n_rules=1, seed=3, holdout_fraction=0.25)
-    assert res.cost["calls"] == 1 and res.method == "top_n"
+    res = top_n_rules(prop, _dev(), _cfg(holdout_fraction=0.25), budget=1, n_rules=1,
+                      combine=COMBINE, seed=3)
+    assert res.cost["requests"] == 1 and res.method == "top_n"
     # highest training precision first: the good rule
     assert [r.id for r in res.rules] == ["good-leak"]
     assert res.holdout_reward == pytest.approx(1.0)
@@ -198,9 +216,8 @@ def test_prune_and_split_and_params():
     assert len(np.intersect1d(s, h)) == 0 and len(s) + len(h) == len(dev)
     assert (split_dev(dev.y, 0.25, seed=0)[1] == h).all()
     assert not (split_dev(dev.y, 0.25, seed=1)[1] == h).all()
-    assert search_params(resolve("tiny").rules) == {"uct_c": 1.0, "width": 2, "depth": 2,
-                                                    "iterations": 4, "precision_threshold": 0.8,
-                                                    "holdout_fraction": 0.3}
+    assert resolve("tiny").rules.iterations == 4 and resolve("mini").rules.proposer == "data"
+    assert trust(np.array([0]), np.array([0]), np.array([0.9])) == pytest.approx(0.9)
     with pytest.raises(ValueError, match="sizes differ"):
         EvalSet(dev.obs, dev.y[:-1], dev.proba)
     search, hold = dev.split(0.25, seed=0)
@@ -209,3 +226,104 @@ def test_prune_and_split_and_params():
     assert len(both) == len(dev) and sorted(both.ids) == sorted(dev.obs.ids)
     assert both.labels.tolist() == search.y.tolist() + hold.y.tolist()
     assert both.fields["image_count"].tolist() == [1] * len(dev)
+
+
+# ------------------------------------------------------------------------------ issue 15, item 2
+
+
+def test_normalised_uct_follows_small_reward_differences():
+    """Rewards 0.01 apart: raw UCT with c = 1 visits the root's children evenly; on rewards
+    normalised over the tree the best child gets most of the visits."""
+    def expand(state, width, rng):
+        return [(f"+{a}", state + (a,)) for a in (1, 2, 3)]
+
+    def visits(normalise):
+        t = TreeSearch((), expand, lambda s: np.mean(s) / 100 if s else 0.0, uct_c=1.0,
+                       width=3, depth=6, normalise=normalise)
+        t.run(30)
+        return [t.nodes[i].visits for i in t.root.children]
+
+    raw, norm = visits(False), visits(True)
+    assert raw == [10, 10, 10]  # the issue's symptom: exploration swamps 0.01 differences
+    assert norm[2] == max(norm) and norm[2] >= 2 * norm[0]  # measured: [7, 9, 14]
+
+
+def test_rule_set_size_not_tied_to_depth():
+    res = mcts_search(FakeProposer(), _dev(), _cfg(iterations=6, depth=1, add_batch=2),
+                      combine=COMBINE, seed=0, prune=False)
+    assert res.cost["max_depth"] == 1 and res.cost["best_node_rules"] == 2
+    assert (res.trace["size"] > res.trace["depth"]).any()
+    assert "+ user_text any {漏水}" in " ".join(res.trace["changed"])
+
+
+def _dev_two_errors(n_per: int = 12):
+    ev = _dev(n_per)
+    pred = np.where(ev.y == ALL_LABELS.index(SEASON), ALL_LABELS.index(MATERIAL), ev.base_pred)
+    proba = np.zeros_like(ev.proba)
+    proba[np.arange(len(pred)), pred] = 1.0
+    return EvalSet(ev.obs, ev.y, proba)
+
+
+class TwoLabelProposer(FakeProposer):
+    def __init__(self):
+        super().__init__()
+        self.bank[SEASON] = [make_rule("intent", SEASON, [_c("冬天")], id="season",
+                                       stats={"support": 9, "precision": 1.0})]
+
+
+@pytest.mark.parametrize("target", ["roundrobin", "sample"])
+def test_targets_spread_over_labels_with_errors(target):
+    res = mcts_search(TwoLabelProposer(), _dev_two_errors(),
+                      _cfg(iterations=8, target=target, add_batch=1), combine=COMBINE, seed=0)
+    assert set(res.params["targets"]) == {LEAK, SEASON}
+    assert {r.label for r in res.rules} == {LEAK, SEASON}
+    assert res.search_reward == pytest.approx(1.0)
+
+
+def test_proposal_key_carries_the_rule_set():
+    dev = _dev()
+    prop = DataProposer(dev.obs)
+    first = prop.propose(LEAK, [], k=1)
+    again = prop.propose(LEAK, [], k=1, context=tuple(first))
+    assert first and again and first[0].key != again[0].key
+    assert prop.calls == 2 and prop.cache_hits == 0
+    assert prop.propose(LEAK, [], k=1) == first and prop.cache_hits == 1
+
+
+def test_top_n_budget_counts_cache_hits_and_matches_rule_count():
+    prop = TwoLabelProposer()
+    dev = _dev_two_errors()
+    res = top_n_rules(prop, dev, _cfg(), budget=3, n_rules=2, combine=COMBINE, seed=0)
+    assert res.cost["requests"] <= 3 and res.cost["requests"] == prop.calls + prop.cache_hits
+    assert len(res.rules) == 2
+    warm = TwoLabelProposer()  # answers from its cache still spend the budget
+    top_n_rules(warm, dev, _cfg(), budget=2, n_rules=1, combine=COMBINE, seed=0)
+    again = top_n_rules(warm, dev, _cfg(), budget=2, n_rules=1, combine=COMBINE, seed=0)
+    assert again.cost["requests"] == 2 and again.cost["calls"] == 0
+
+
+def test_rule_sets_roundtrip_and_test_rows(tmp_path):
+    """kdsl_eval: what notebook 02 writes, notebook 03 reads back and scores identically."""
+    dev = _dev()
+    hold = dev.split(0.25, seed=3)[1]
+    res = ship(mcts_search(FakeProposer(), dev, _cfg(iterations=8, holdout_fraction=0.25),
+                           combine=COMBINE, seed=3), hold)
+    assert res.shipped and res.rules
+    kdsl_eval.save_rule_sets(tmp_path, {"mcts@fake": (res, "kdsl")})
+    back = kdsl_eval.load_rule_sets(tmp_path)["mcts@fake"]
+    assert back.rules == res.rules and back.found == res.found and back.strategy == res.strategy
+    assert kdsl_eval.holdout_check(back, hold)[0] > kdsl_eval.holdout_check(back, hold)[1]
+    test = _dev(4)
+    preds = Predictions(test.obs.ids, list(test.obs.tasks), test.proba,
+                        gold=[ALL_LABELS[i] for i in test.y])
+    rows, dec = kdsl_eval.test_rows({"mcts@fake": back}, {"kdsl": {"t": preds}}, {"t": test.obs},
+                                    {"intent": 0, "image": 0}, "fake", experiment="x", seed=0,
+                                    n_boot=50)
+    m = {(r["variant"], r["task"], r["metric"]): r["value"] for r in rows}
+    assert m[("kdsl", "pooled", "weighted_f1")] == pytest.approx(1.0)
+    assert m[("kdsl", "pooled", "gain_vs_model")] == pytest.approx(
+        m[("kdsl", "pooled", "weighted_f1")] - m[("model", "pooled", "weighted_f1")])
+    assert m[("rules[mcts@fake]", "pooled", "precision_covered")] == 1.0
+    assert m[("rules[mcts@fake]", "pooled", "model_precision_covered")] == 0.0
+    assert ("kdsl_ungated[mcts@fake]", "pooled", "weighted_f1") in m
+    assert len(dec) == len(test) and (dec.source == "rule").sum() == 4

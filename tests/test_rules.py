@@ -13,12 +13,13 @@ from sklearn.metrics import f1_score
 
 from kdsl_utils.data.labels import ALL_LABELS, IMAGE_LABELS, INTENT_LABELS
 from kdsl_utils.data.records import AGENT, USER, Record, Turn
+from kdsl_utils.collab import make_override, override
+from kdsl_utils.metrics import weighted_f1_idx as weighted_f1
 from kdsl_utils.models.base import Predictions
 from kdsl_utils.rules import (Condition, DataProposer, ErrorExample, LLMProposer, RuleBase,
                               RuleEngine, RuleValidationError, build_observables, label_indices,
-                              load_rulebase, make_override, make_rule, override, parse_rules,
-                              rulebase_json_schema, rules_table, validate_rule,
-                              weighted_f1)
+                              load_rulebase, make_rule, parse_rules, rulebase_json_schema,
+                              rules_table, validate_rule)
 
 SEAL, MATERIAL, SEASON = "反馈密封性不好", "商品材质", "适用季节"
 ORDER, REFUND = "订单详情页面", "退款页面"

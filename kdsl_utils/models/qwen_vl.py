@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -46,6 +45,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from ..config import ModelCfg, Profile
 from ..data.records import Record
+from ..interference import Difference, LowRank
 from ..threads import torch_threads
 from .base import FitLog, Predictions, select_mix
 from .hf_train import train_sft
@@ -214,30 +214,42 @@ def prepare_for_finetune(
         return get_peft_model(model, lcfg)
 
 
-def lora_deltas(model, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The LoRA weight update of every adapted layer: ``ΔW = B·A·scaling`` (out × in).
+def lora_factors(model) -> dict[str, LowRank]:
+    """The LoRA update of every adapted layer in factored form ``ΔW = scaling·B·A``.
 
     Keys are the adapted modules' names in the base model (e.g.
-    ``model.language_model.layers.0.self_attn.q_proj``), values CPU tensors. This is the
-    update the seesaw analysis compares between the image-only, intent-only and joint runs.
+    ``model.language_model.layers.0.self_attn.q_proj``), values :class:`LowRank` of float32
+    CPU factors (r·(in + out) values per layer, never out × in). This is the update the
+    seesaw analysis (:mod:`kdsl_utils.interference`) compares between the runs.
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, LowRank] = {}
     for name, mod in model.named_modules():
         if not (hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and hasattr(mod, "scaling")):
             continue
         for adapter in mod.lora_A:
-            A = mod.lora_A[adapter].weight.detach().to(torch.float32)
-            B = mod.lora_B[adapter].weight.detach().to(torch.float32)
             key = name.removeprefix("base_model.model.")
             if len(mod.lora_A) > 1:
                 key = f"{key}[{adapter}]"
-            out[key] = ((B @ A) * float(mod.scaling[adapter])).to(dtype).cpu()
+            out[key] = LowRank(
+                B=mod.lora_B[adapter].weight.detach().to("cpu", torch.float32, copy=True),
+                A=mod.lora_A[adapter].weight.detach().to("cpu", torch.float32, copy=True),
+                scale=float(mod.scaling[adapter]),
+            )
     if not out:
         raise ValueError(
             "the model has no LoRA adapters (full fine-tuning: compare weights "
             "against the base model instead)"
         )
     return out
+
+
+def lora_deltas(model, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The dense LoRA updates ``ΔW = B·A·scaling`` (out × in CPU tensors), keyed as
+    :func:`lora_factors`. Materialises every adapted matrix: for inspection of small models
+    only (Qwen2-VL-7B: ~24 GiB); the interference analysis uses the factors."""
+    return {
+        k: ((f.B @ f.A) * f.scale).to(dtype) for k, f in lora_factors(model).items()
+    }
 
 
 def model_source(mcfg: ModelCfg, which: str = "large") -> str:
@@ -427,19 +439,20 @@ class QwenVLBackend:
             raise ValueError("no model: fit or load first")
         return lora_deltas(self.model)
 
-    def update_delta(self) -> dict[str, np.ndarray]:
-        """The fine-tune's weight update per adapted layer, as float32 arrays (for
-        :mod:`kdsl_utils.interference`): ``B·A·scaling`` for LoRA/QLoRA, ``W - W0`` of the
-        same projection layers for full fine-tuning (W0 kept on the CPU at ``fit``)."""
+    def update_delta(self) -> dict[str, LowRank | Difference]:
+        """The fine-tune's weight update per adapted layer, for :mod:`kdsl_utils.interference`:
+        LoRA/QLoRA factors (:func:`lora_factors`), or for full fine-tuning the pair (W, W0) of
+        the same projection layers (W0 kept on the CPU at ``fit``; W copied to the CPU in the
+        model dtype), subtracted layer by layer by the analysis, never all at once."""
         if self.model is None:
             raise ValueError("no model: fit or load first")
         if hasattr(self.model, "peft_config"):
-            return {k: v.numpy() for k, v in lora_deltas(self.model).items()}
+            return lora_factors(self.model)
         if self._base_weights is None:
             raise ValueError("full fine-tune deltas need the base weights kept by fit()")
         mods = dict(self.model.named_modules())
         return {
-            name: (mods[name].weight.detach().float().cpu() - w0.float()).numpy()
+            name: Difference(after=mods[name].weight.detach().to("cpu", copy=True), before=w0)
             for name, w0 in self._base_weights.items()
         }
 

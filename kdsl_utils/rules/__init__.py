@@ -3,9 +3,9 @@ the Monte Carlo Tree Search that builds a rule base."""
 
 from .engine import (LABEL_INDEX, CombineFn, Observables, RuleEngine, RuleResult,
                      build_observables, concat_observables, label_indices, label_strings,
-                     make_override, override, rules_table, weighted_f1)
+                     rules_table)
 from .mcts import (EvalSet, Node, RuleSetProblem, SearchResult, TreeSearch, mcts_search,
-                   prune_rules, search_params, split_dev, top_n_rules)
+                   prune_rules, split_dev, top_n_rules, trust)
 from .propose import (DataProposer, ErrorExample, LLMProposer, ParseReport, Proposer,
                       errors_from, parse_rules)
 from .schema import (FIELDS, OPS, SCHEMA_VERSION, Condition, Rule, RuleBase,
@@ -18,9 +18,9 @@ __all__ = [
     "validate_rule",
     "LABEL_INDEX", "CombineFn", "Observables", "RuleEngine", "RuleResult", "build_observables",
     "concat_observables",
-    "label_indices", "label_strings", "make_override", "override", "rules_table", "weighted_f1",
+    "label_indices", "label_strings", "rules_table",
     "DataProposer", "ErrorExample", "LLMProposer", "ParseReport", "Proposer", "errors_from",
     "parse_rules",
     "EvalSet", "Node", "RuleSetProblem", "SearchResult", "TreeSearch", "mcts_search",
-    "prune_rules", "search_params", "split_dev", "top_n_rules",
+    "prune_rules", "split_dev", "top_n_rules", "trust",
 ]

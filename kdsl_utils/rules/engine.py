@@ -305,48 +305,9 @@ class RuleEngine:
         return RuleResult(rules, self.obs.ids, fired, label_idx, masks, support, correct, prec)
 
 
-# --------------------------------------------------------------------------------------------
-# Collaboration used as the search reward (until a richer collaboration module exists)
-# --------------------------------------------------------------------------------------------
-
-#: combine(proba (n, 48), rule_result) -> final label indices (n,)
+#: combine(proba (n, 48), rule_result) -> final label indices (n,): the interface between a
+#: rule set and a collaboration strategy (the strategies live in ``kdsl_utils.collab``).
 CombineFn = Callable[[np.ndarray, RuleResult], np.ndarray]
-
-
-def override(pred_proba: Any, rule_result: RuleResult, precision_threshold: float = 0.8,
-             min_support: int = 1) -> np.ndarray:
-    """Final label indices: the model's argmax, overridden where a rule fired whose precision
-    (``rule_result.precision``) is >= ``precision_threshold`` and whose support is >=
-    ``min_support``. ``pred_proba`` is a ``Predictions`` or an (n, 48) array."""
-    proba = np.asarray(getattr(pred_proba, "proba", pred_proba))
-    out = proba.argmax(axis=1).astype(np.int64)
-    if len(rule_result.rules) == 0:
-        return out
-    trusted = rule_result.precision >= precision_threshold  # NaN (unknown) is never trusted
-    if min_support > 1:
-        trusted &= rule_result.support >= min_support
-    f = rule_result.fired
-    use = (f >= 0) & trusted[np.maximum(f, 0)]
-    out[use] = rule_result.label_idx[use]
-    return out
-
-
-def make_override(precision_threshold: float = 0.8, min_support: int = 1) -> CombineFn:
-    """``override`` with its threshold bound, in the ``CombineFn`` shape MCTS expects."""
-
-    def combine(proba: np.ndarray, result: RuleResult) -> np.ndarray:
-        return override(proba, result, precision_threshold, min_support)
-
-    combine.__name__ = f"override@{precision_threshold:g}"
-    return combine
-
-
-def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int = len(ALL_LABELS)) -> float:
-    """``sklearn.metrics.f1_score(y_true, y_pred, average="weighted")`` on label indices, fast
-    (:func:`kdsl_utils.metrics.weighted_f1_idx`); predictions of -1 count as wrong."""
-    from ..metrics import weighted_f1_idx
-
-    return weighted_f1_idx(y_true, y_pred, n_labels)
 
 
 # --------------------------------------------------------------------------------------------

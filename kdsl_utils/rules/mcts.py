@@ -1,25 +1,38 @@
 """Monte Carlo Tree Search over rule sets (DESIGN.md, method point 4).
 
-State = an ordered rule set (a decision list). Actions: add a proposed rule for a label
-taken from the current errors, specialise a rule (add a condition), generalise a rule (drop a
-condition, or widen its keywords), drop a rule. Reward = weighted F1 (pooled labels) on the
-*search* part of the dev fold of the collaborative prediction: the large model's dev
-probabilities (computed once) combined with the rule set by a pluggable ``combine`` function
-(default: override above a precision threshold). UCT selection with constant ``uct_c``,
-expansion ``width`` children per node, ``depth`` limit and an ``iterations`` budget
-(PromptAgent's defaults: width 3, depth 5).
+State = an ordered rule set (a decision list). Actions: add proposed rules (``add_batch`` at
+once) for a target label taken from the current errors, specialise a rule (add a condition),
+generalise a rule (drop a condition, or widen its keywords), drop a rule. Reward = weighted F1
+(pooled labels) on the *search* part of the dev fold of the collaborative prediction: the
+large model's dev probabilities (computed once) combined with the rule set by the caller's
+``combine`` function (``collab.make_override`` in the pipeline). Every knob comes from the
+frozen ``config.RulesCfg``; nothing here repeats its defaults.
+
+What makes the search able to grow and keep rules (issue 15, item 2):
+
+* rule-set size is bounded by ``max_rules``, not by tree depth (an add inserts a batch);
+* UCT runs on rewards min-max normalised over the tree (``normalise_rewards``): rewards of
+  rule sets differ by ~0.01 F1, so a raw constant c = 1 made the exploration term (~0.6)
+  swamp them and every child got the same visits;
+* the add action's target label goes round-robin over the labels with current errors (or is
+  sampled by error mass), not "the label with the most errors" again and again;
+* a proposal request carries the current rule set (``context``), so asking again for the
+  same label from another state yields new proposals instead of a cache hit.
 
 Against overfitting the dev fold, it is split (stratified, seeded) into a search part and a
-held-out part: the best rule set is re-scored on the held-out part (rules gated by the
-precision measured during search) and its rules' stats re-estimated there; both are reported.
+held-out part the search never scores. The best rule set's trust (:func:`trust`: held-out
+precision shrunk towards training precision) is measured there, the collaboration strategy
+is chosen there, and the set ships only if it gains there (``collab.ship``); otherwise the
+empty set ships.
 
 ``TreeSearch`` is the generic, problem-agnostic core (tested on a toy problem); ``mcts_search``
-specialises it to rule sets; ``top_n_rules`` is the no-search baseline at the same proposer
-budget.
+specialises it to rule sets; ``top_n_rules`` is the no-search baseline matched to it (same
+proposal requests, same rule count, same trust, its own strategy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -30,10 +43,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tqdm.auto import tqdm
+
+from ..config import RulesCfg
 from ..data.labels import ALL_LABELS, TASKS
 from ..data.splits import stratified_indices
-from .engine import (LABEL_INDEX, CombineFn, Observables, RuleEngine, RuleResult, make_override,
-                     rules_table, weighted_f1)
+from ..metrics import weighted_f1_idx
+from .engine import LABEL_INDEX, CombineFn, Observables, RuleEngine, RuleResult, rules_table
 from .propose import ErrorExample, Proposer, errors_from
 from .schema import SCHEMA_VERSION, Condition, Rule, RuleBase, rule_id_for
 
@@ -81,11 +97,15 @@ class TreeSearch:
     """
 
     def __init__(self, root_state: Any, expand: ExpandFn, reward: Callable[[Any], float], *,
-                 uct_c: float = 1.0, width: int = 3, depth: int = 5, seed: int = 0):
+                 uct_c: float = 1.0, width: int = 3, depth: int = 5, seed: int = 0,
+                 normalise: bool = False):
         self.expand_fn, self.reward_fn = expand, reward
         self.uct_c, self.width, self.depth = uct_c, width, depth
+        self.normalise = normalise
         self.rng = np.random.default_rng(seed)
-        self.nodes: list[Node] = [Node(0, None, 0, "root", root_state, reward(root_state), 0)]
+        r0 = float(reward(root_state))
+        self.nodes: list[Node] = [Node(0, None, 0, "root", root_state, r0, 0)]
+        self.rmin = self.rmax = r0
         self.log: list[dict[str, Any]] = []
         self.iteration = 0
 
@@ -93,10 +113,19 @@ class TreeSearch:
     def root(self) -> Node:
         return self.nodes[0]
 
+    def scaled(self, value: float) -> float:
+        """``value`` on the UCT scale: min-max normalised over every reward seen so far when
+        ``normalise`` (0 while all rewards are equal), else as is."""
+        if not self.normalise:
+            return value
+        span = self.rmax - self.rmin
+        return (value - self.rmin) / span if span > 0 else 0.0
+
     def uct(self, parent: Node, child: Node) -> float:
         if child.visits == 0:
             return math.inf
-        return child.q + self.uct_c * math.sqrt(math.log(max(parent.visits, 1)) / child.visits)
+        return self.scaled(child.q) + self.uct_c * math.sqrt(
+            math.log(max(parent.visits, 1)) / child.visits)
 
     def select_child(self, node: Node) -> Node:
         kids = [self.nodes[i] for i in node.children]
@@ -111,6 +140,7 @@ class TreeSearch:
         for action, state in self.expand_fn(node.state, self.width, self.rng)[: self.width]:
             ch = Node(len(self.nodes), node.id, node.depth + 1, action, state,
                       float(self.reward_fn(state)), self.iteration)
+            self.rmin, self.rmax = min(self.rmin, ch.reward), max(self.rmax, ch.reward)
             self.nodes.append(ch)
             node.children.append(ch.id)
             new.append(ch)
@@ -206,9 +236,9 @@ class EvalSet:
 
     def f1(self, pred: np.ndarray, task: str | None = None) -> float:
         if task is None:
-            return weighted_f1(self.y, pred)
+            return weighted_f1_idx(self.y, pred)
         m = self.obs.tasks == task
-        return weighted_f1(self.y[m], pred[m]) if m.any() else float("nan")
+        return weighted_f1_idx(self.y[m], pred[m]) if m.any() else float("nan")
 
 
 def split_dev(y: np.ndarray, holdout_fraction: float, seed: int = 0) -> tuple[np.ndarray,
@@ -249,6 +279,12 @@ class SearchResult:
     iterations: pd.DataFrame | None = None
     params: dict[str, Any] = field(default_factory=dict)
     best_node: int | None = None
+    # Set by ``collab.ship`` (on the held-out part): the rules found, whether they ship (then
+    # ``rules`` is them, else empty), the collaboration strategy chosen for them and its table.
+    found: list[Rule] | None = None
+    shipped: bool | None = None
+    strategy: str | None = None
+    strategy_table: pd.DataFrame | None = None
 
     @property
     def rulebase(self) -> RuleBase:
@@ -261,7 +297,9 @@ class SearchResult:
                 "search_gain": self.search_reward - self.search_base,
                 "holdout_base": self.holdout_base, "holdout_reward": self.holdout_reward,
                 "holdout_gain": self.holdout_reward - self.holdout_base,
-                "best_node": self.best_node,
+                "best_node": self.best_node, "n_found": len(self.found if self.found is not None
+                                                            else self.rules),
+                "shipped": self.shipped, "strategy": self.strategy,
                 **{k: v for k, v in self.cost.items() if not isinstance(v, dict)}}
 
 
@@ -279,18 +317,24 @@ def _insert(state: tuple[Rule, ...], rule: Rule) -> tuple[Rule, ...]:
 
 
 ACTION_KINDS = ("add", "specialise", "generalise", "drop")
+TARGETS = ("roundrobin", "sample", "most")
+TRUST_M = 2.0  # m of the m-estimate of a rule's trust (pseudo-records at its training precision)
 
 
 class RuleSetProblem:
     """The rule-set search problem: actions (``expand``) and reward on the search part."""
 
-    def __init__(self, proposer: Proposer, search: EvalSet, combine: CombineFn, *,
-                 k: int = 5, target: str = "most", max_rules: int = 50,
-                 action_weights: dict[str, float] | None = None):
-        if target not in ("most", "sample"):
-            raise ValueError("target must be 'most' or 'sample'")
+    def __init__(self, proposer: Proposer, search: EvalSet, combine: CombineFn,
+                 cfg: RulesCfg, action_weights: dict[str, float] | None = None):
+        if cfg.target not in TARGETS:
+            raise ValueError(f"RulesCfg.target must be one of {TARGETS}, got {cfg.target!r}")
         self.proposer, self.search, self.combine = proposer, search, combine
-        self.k, self.target, self.max_rules = k, target, max_rules
+        self.k, self.target, self.max_rules = cfg.k, cfg.target, cfg.max_rules
+        self.add_batch = max(1, cfg.add_batch)
+        self.tries = 2 * max(1, cfg.width)
+        self.dry: set[str] = set()
+        self._rr = 0  # round-robin position over the labels with errors, across expansions
+        self.targets: Counter = Counter()  # label -> add actions that targeted it
         self.weights = {"add": 0.55, "specialise": 0.15, "generalise": 0.15, "drop": 0.15}
         self.weights.update(action_weights or {})
         self._eval: dict[tuple, tuple[float, np.ndarray, RuleResult]] = {}
@@ -305,7 +349,7 @@ class RuleSetProblem:
         if hit is None:
             t0 = time.perf_counter()
             pred, res = self.search.predict(state, self.combine)
-            hit = (weighted_f1(self.search.y, pred), pred, res)
+            hit = (weighted_f1_idx(self.search.y, pred), pred, res)
             self.reward_s += time.perf_counter() - t0
             self.reward_evals += 1
             self._eval[key] = hit
@@ -331,28 +375,47 @@ class RuleSetProblem:
                                      "action": action})
         return self.proposer.measure([r])[0]
 
+    def _target_order(self, ranking: dict[str, int], used: dict[str, int], rng) -> list[str]:
+        """Labels to try for an add action, first choice first."""
+        labels = list(ranking)
+        if not labels:
+            return labels
+        if self.target == "sample":  # by error mass
+            w = np.array([ranking[lab] for lab in labels], dtype=float)
+            return [labels[i] for i in rng.choice(len(labels), len(labels), replace=False,
+                                                  p=w / w.sum())]
+        if self.target == "roundrobin":  # every label with errors in turn, across expansions
+            labels = sorted(labels, key=LABEL_INDEX.__getitem__)
+            j = self._rr % len(labels)
+            self._rr += 1
+            return labels[j:] + labels[:j]
+        # "most": most errors first; successive add actions of one expansion take the next
+        n_adds = sum(1 for v in used.values() if v != 0)
+        return labels[n_adds % len(labels):] + labels[: n_adds % len(labels)]
+
     def _add(self, state, errors, ranking, used, rng):
         have = {r.key for r in state}
-        labels = list(ranking)
-        if self.target == "sample" and labels:
-            w = np.array([ranking[lab] for lab in labels], dtype=float)
-            labels = [labels[i] for i in rng.choice(len(labels), len(labels), replace=False,
-                                                    p=w / w.sum())]
-        if self.target == "most":  # successive add actions of one expansion: next label
-            n_adds = sum(1 for v in used.values() if v != 0)
-            labels = labels[n_adds % len(labels):] + labels[: n_adds % len(labels)] \
-                if labels else labels
-        for lab in labels:
+        # at most ``width`` labels per add: a proposer with nothing for them (the tiny
+        # model's empty answers) must not be asked about every label of the task in turn
+        order = [lab for lab in self._target_order(ranking, used, rng) if lab not in self.dry]
+        for lab in order[: self.tries]:
             if used.get(lab) == -1:
                 continue  # exhausted in this expansion
-            props = self.proposer.propose(lab, errors, self.k)
+            # the current rule set is part of the request: asked again from another state,
+            # the proposer answers with rules that state does not hold yet
+            props = self.proposer.propose(lab, errors, self.k, context=state)
+            if not props:  # nothing new for this label: spend no more requests on it
+                self.dry.add(lab)
             self._remember(props)
             new = [r for r in props if r.key not in have]
             j = used.get(lab, 0)
             if j < len(new):
-                used[lab] = j + 1
-                rule = new[j]
-                return f"add {rule.id} [{lab}]", _insert(state, rule)
+                batch = new[j: j + self.add_batch]
+                used[lab] = j + len(batch)
+                self.targets[lab] += 1
+                for rule in batch:
+                    state = _insert(state, rule)
+                return f"add {'+'.join(r.id for r in batch)} [{lab}]", state[: self.max_rules]
             used[lab] = -1
         return None
 
@@ -478,21 +541,36 @@ def prune_rules(state: Sequence[Rule], reward: Callable[[Sequence[Rule]], float]
     return state, n
 
 
+def trust(holdout_correct: np.ndarray, holdout_fired: np.ndarray, prior: np.ndarray,
+          m: float = TRUST_M) -> np.ndarray:
+    """A rule's trust: its held-out precision shrunk towards its training precision,
+    ``(correct + m * prior) / (fired + m)`` (the m-estimate; ``prior`` NaN -> 0.5).
+
+    Measured on the held-out part of the dev fold, which the search never scored: a rule the
+    search kept because it fits the search part earns no trust from that fit. A rule that
+    never fires on the held-out part keeps (a shrunk copy of) its training precision."""
+    prior = np.where(np.isnan(prior), 0.5, prior)
+    return (holdout_correct + m * prior) / (holdout_fired + m)
+
+
 def _finalise(method: str, rules: Sequence[Rule], search: EvalSet, holdout: EvalSet,
               combine: CombineFn) -> tuple[list[Rule], pd.DataFrame, pd.DataFrame,
                                            dict[str, float]]:
-    """Score a rule set on both parts; re-estimate its stats on the held-out part."""
+    """Score a rule set on both parts; its stats become held-out trust (``fold='dev_holdout'``:
+    support and raw precision on the held-out part, ``precision`` = :func:`trust`)."""
     rules = list(rules)
     s_pred, s_res = search.predict(rules, combine)
-    h_pred, h_res = holdout.predict(rules, combine, precision=s_res.precision)
     h_meas = holdout.engine.apply(rules, y=holdout.y)
+    prior = np.array([np.nan if r.precision is None else r.precision for r in rules], float)
+    tr = trust(h_meas.correct, h_meas.support, prior) if rules else np.zeros(0)
+    h_pred, _ = holdout.predict(rules, combine, precision=tr)
     final = []
     for j, r in enumerate(rules):
         sstats = {"support": int(s_res.support[j]),
                   "precision": None if np.isnan(s_res.precision[j]) else
                   float(s_res.precision[j]), "fold": "dev_search"}
-        hstats = {"support": int(h_meas.support[j]),
-                  "precision": None if np.isnan(h_meas.precision[j]) else
+        hstats = {"support": int(h_meas.support[j]), "precision": float(tr[j]),
+                  "holdout_precision": None if np.isnan(h_meas.precision[j]) else
                   float(h_meas.precision[j]), "fold": "dev_holdout"}
         final.append(r.replace(stats=hstats, provenance={**r.provenance, "search_stats": sstats,
                                                          "train_stats": dict(r.stats)}))
@@ -511,10 +589,11 @@ def _finalise(method: str, rules: Sequence[Rule], search: EvalSet, holdout: Eval
     table["search_precision"] = s_res.precision
     table["holdout_fired"] = h_meas.support
     table["holdout_precision"] = h_meas.precision
-    scores = {"search_reward": weighted_f1(search.y, s_pred),
-              "search_base": weighted_f1(search.y, search.base_pred),
-              "holdout_reward": weighted_f1(holdout.y, h_pred),
-              "holdout_base": weighted_f1(holdout.y, holdout.base_pred)}
+    table["trust"] = tr
+    scores = {"search_reward": weighted_f1_idx(search.y, s_pred),
+              "search_base": weighted_f1_idx(search.y, search.base_pred),
+              "holdout_reward": weighted_f1_idx(holdout.y, h_pred),
+              "holdout_base": weighted_f1_idx(holdout.y, holdout.base_pred)}
     return final, metrics, table, scores
 
 
@@ -525,49 +604,55 @@ def _prepare(dev: EvalSet | tuple, holdout_fraction: float, seed: int
     return dev.split(holdout_fraction, seed)
 
 
-def search_params(rules_cfg: Any) -> dict[str, Any]:
-    """``mcts_search`` keyword arguments from a ``config.RulesCfg``."""
-    out = {k: getattr(rules_cfg, k) for k in ("uct_c", "width", "depth", "iterations",
-                                             "precision_threshold")}
-    if hasattr(rules_cfg, "holdout_fraction"):
-        out["holdout_fraction"] = rules_cfg.holdout_fraction
-    return out
+def _requests(proposer: Proposer) -> int:
+    """Proposal requests so far, answered or served from the cache: the budget unit that
+    MCTS and top-N are matched on (counting only cache misses would let one side ask for
+    free)."""
+    return proposer.calls + proposer.cache_hits
 
 
-def mcts_search(proposer: Proposer, dev: EvalSet | tuple, *, uct_c: float = 1.0, width: int = 3,
-                depth: int = 5, iterations: int = 30, precision_threshold: float = 0.8,
-                holdout_fraction: float = 0.3, combine: CombineFn | None = None, k: int = 5,
-                target: str = "most", max_rules: int = 50,
+def _cost(proposer: Proposer, calls0: int, hits0: int, tok0: int | None) -> dict[str, Any]:
+    return {**proposer.cost(), "calls": proposer.calls - calls0,
+            "cache_hits": proposer.cache_hits - hits0,
+            "requests": proposer.calls - calls0 + proposer.cache_hits - hits0,
+            "tokens": None if proposer.tokens is None else proposer.tokens - (tok0 or 0)}
+
+
+def _changes(state: Sequence[Rule], parent: Sequence[Rule]) -> str:
+    """What a node's action changed in the rule set, as readable rules (+ added, - removed)."""
+    a, b = {r.key for r in state}, {r.key for r in parent}
+    return "; ".join([f"+ {r.describe()}" for r in state if r.key not in b]
+                     + [f"- {r.describe()}" for r in parent if r.key not in a])
+
+
+def mcts_search(proposer: Proposer, dev: EvalSet | tuple, cfg: RulesCfg, *,
+                combine: CombineFn, seed: int = 0,
                 action_weights: dict[str, float] | None = None,
-                init_rules: Sequence[Rule] = (), prune: bool = True, seed: int = 0,
+                init_rules: Sequence[Rule] = (), prune: bool = True,
                 progress: bool = False) -> SearchResult:
-    """Search rule sets with UCT; return the best one (by search-part reward) and its report.
+    """Search rule sets with UCT (all knobs from ``cfg``); return the best one by search-part
+    reward and its report.
 
-    ``dev`` is an ``EvalSet`` or ``(observables, gold label indices, proba)``. ``combine``
-    maps (proba, RuleResult) to final label indices; default ``make_override(
-    precision_threshold)``. ``k`` rules are requested per proposer call; ``target`` picks the
-    label of an add action from the current errors (``most``: by error count, ``sample``:
-    proportional to it). ``prune`` drops, lowest priority first, the best set's rules whose
-    removal does not lower the search reward. Seeded and deterministic for a deterministic
-    proposer.
+    ``dev`` is an ``EvalSet`` or ``(observables, gold label indices, proba)``; it is split
+    into the search part (the reward) and the held-out part (``cfg.holdout_fraction``).
+    ``combine`` maps (proba (n, 48), RuleResult) to final label indices. ``prune`` drops,
+    lowest priority first, the best set's rules whose removal does not lower the search
+    reward. Seeded and deterministic for a deterministic proposer. Whether the rule set
+    ships is decided outside, on the held-out part (``collab.ship``).
     """
     t0 = time.perf_counter()
-    combine = combine or make_override(precision_threshold)
-    search, holdout = _prepare(dev, holdout_fraction, seed)
-    calls0, tok0 = proposer.calls, proposer.tokens
-    prob = RuleSetProblem(proposer, search, combine, k=k, target=target, max_rules=max_rules,
-                          action_weights=action_weights)
-    tree = TreeSearch(tuple(init_rules), prob.expand, prob.reward, uct_c=uct_c, width=width,
-                      depth=depth, seed=seed)
+    search, holdout = _prepare(dev, cfg.holdout_fraction, seed)
+    calls0, hits0, tok0 = proposer.calls, proposer.cache_hits, proposer.tokens
+    prob = RuleSetProblem(proposer, search, combine, cfg, action_weights=action_weights)
+    tree = TreeSearch(tuple(init_rules), prob.expand, prob.reward, uct_c=cfg.uct_c,
+                      width=cfg.width, depth=cfg.depth, seed=seed,
+                      normalise=cfg.normalise_rewards)
     it_rows = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=iterations, desc="MCTS")
-    for _ in range(iterations):
+    bar = tqdm(total=cfg.iterations, desc="MCTS") if progress else None
+    for _ in range(cfg.iterations):
         row = tree.step()
         row.update({"proposer_calls": proposer.calls - calls0,
+                    "proposer_requests": _requests(proposer) - calls0 - hits0,
                     "elapsed_s": time.perf_counter() - t0})
         it_rows.append(row)
         if bar is not None:
@@ -580,58 +665,63 @@ def mcts_search(proposer: Proposer, dev: EvalSet | tuple, *, uct_c: float = 1.0,
     final, metrics, table, scores = _finalise("mcts", rules, search, holdout, combine)
     trace = tree.trace()
     trace["is_best"] = trace["node"] == best.id
+    trace["changed"] = [_changes(n.state, tree.nodes[n.parent].state if n.parent is not None
+                                 else ()) for n in tree.nodes]
     wall = time.perf_counter() - t0
-    cost = {**proposer.cost(), "calls": proposer.calls - calls0,
-            "tokens": None if proposer.tokens is None else proposer.tokens - (tok0 or 0),
+    root_kids = [tree.nodes[i].visits for i in tree.root.children]
+    cost = {**_cost(proposer, calls0, hits0, tok0),
             "reward_evals": prob.reward_evals, "reward_s": round(prob.reward_s, 4),
-            "nodes": len(tree.nodes), "best_node_reward": best.reward,
-            "best_node_rules": len(best.state), "pruned": n_pruned, "wall_s": round(wall, 3)}
-    params = {"uct_c": uct_c, "width": width, "depth": depth, "iterations": iterations,
-              "precision_threshold": precision_threshold, "holdout_fraction": holdout_fraction,
-              "combine": getattr(combine, "__name__", str(combine)), "k": k, "target": target,
-              "seed": seed, "n_search": len(search), "n_holdout": len(holdout)}
+            "nodes": len(tree.nodes), "max_depth": int(trace["depth"].max()),
+            "root_child_visits": "/".join(map(str, root_kids)),
+            "best_node_reward": best.reward, "best_node_rules": len(best.state),
+            "pruned": n_pruned, "wall_s": round(wall, 3)}
+    params = {**dataclasses.asdict(cfg), "combine": getattr(combine, "__name__", str(combine)),
+              "seed": seed, "n_search": len(search), "n_holdout": len(holdout),
+              "targets": dict(prob.targets)}
     return SearchResult("mcts", final, metrics=metrics, cost=cost, rule_table=table,
                         trace=trace, iterations=pd.DataFrame(it_rows), params=params,
                         best_node=best.id, **scores)
 
 
-def top_n_rules(proposer: Proposer, dev: EvalSet | tuple, *, budget: int,
-                n_rules: int | None = None, precision_threshold: float = 0.8,
-                holdout_fraction: float = 0.3, combine: CombineFn | None = None, k: int = 5,
-                seed: int = 0) -> SearchResult:
-    """Baseline without search: spend ``budget`` proposer calls on the labels with the most
-    model errors on the search part (one call per label, most errors first, cycling with a
-    larger ``k`` when labels run out), keep the ``n_rules`` proposals with the highest
-    training precision (then support), score like ``mcts_search``. Use a fresh proposer (a
-    shared one answers cached requests for free)."""
+def top_n_rules(proposer: Proposer, dev: EvalSet | tuple, cfg: RulesCfg, *, budget: int,
+                n_rules: int, combine: CombineFn, seed: int = 0,
+                init_rules: Sequence[Rule] = ()) -> SearchResult:
+    """Baseline without search, matched to MCTS: ``budget`` proposal *requests* (calls and
+    cache hits alike, as MCTS's are counted) go round-robin over the labels with model errors
+    on the search part, each request carrying the rules already collected for that label
+    (so a second request yields new proposals); the ``n_rules`` proposals with the highest
+    training precision (then support) are kept, in decision-list order, and scored like
+    ``mcts_search``'s best set. ``n_rules`` is MCTS's rule count in the pipeline;
+    ``init_rules`` (MCTS's starting rules) join the pool. Use a fresh proposer (a shared one
+    would answer from MCTS's cache)."""
     t0 = time.perf_counter()
-    combine = combine or make_override(precision_threshold)
-    search, holdout = _prepare(dev, holdout_fraction, seed)
-    calls0, tok0 = proposer.calls, proposer.tokens
+    search, holdout = _prepare(dev, cfg.holdout_fraction, seed)
+    calls0, hits0, tok0 = proposer.calls, proposer.cache_hits, proposer.tokens
     wrong = np.flatnonzero(search.base_pred != search.y)
     errors = errors_from(search.obs, search.y, search.base_pred, wrong)
-    counts = Counter(int(search.y[i]) for i in wrong)
-    labels = [ALL_LABELS[lab] for lab, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-    pool: dict[tuple, Rule] = {}
-    rnd = 0
-    while labels and proposer.calls - calls0 < budget and rnd < 20:
+    labels = sorted({ALL_LABELS[int(search.y[i])] for i in wrong}, key=LABEL_INDEX.__getitem__)
+    pool: dict[tuple, Rule] = {r.key: r for r in init_rules}
+    per_label: dict[str, tuple[Rule, ...]] = {lab: () for lab in labels}
+    dry = 0  # consecutive requests that brought nothing new: stop when every label is dry
+    while labels and _requests(proposer) - calls0 - hits0 < budget and dry < len(labels):
         for lab in labels:
-            if proposer.calls - calls0 >= budget:
+            if _requests(proposer) - calls0 - hits0 >= budget:
                 break
-            for r in proposer.propose(lab, errors, k * (rnd + 1)):
-                pool.setdefault(r.key, r)
-        rnd += 1
+            got = [r for r in proposer.propose(lab, errors, cfg.k, context=per_label[lab])
+                   if r.key not in pool]
+            dry = 0 if got else dry + 1
+            for r in got:
+                pool[r.key] = r
+            per_label[lab] += tuple(got)
     ranked = sorted(pool.values(), key=lambda r: (-(r.precision or 0.0),
                                                   -int(r.stats.get("support") or 0), r.id))
     chosen: tuple[Rule, ...] = ()
-    for r in ranked[: n_rules if n_rules is not None else len(ranked)]:
+    for r in ranked[:n_rules]:
         chosen = _insert(chosen, r)
     final, metrics, table, scores = _finalise("top_n", chosen, search, holdout, combine)
-    cost = {**proposer.cost(), "calls": proposer.calls - calls0,
-            "tokens": None if proposer.tokens is None else proposer.tokens - (tok0 or 0),
+    cost = {**_cost(proposer, calls0, hits0, tok0), "pool": len(pool),
             "wall_s": round(time.perf_counter() - t0, 3)}
-    params = {"budget": budget, "n_rules": n_rules, "precision_threshold": precision_threshold,
-              "holdout_fraction": holdout_fraction, "k": k, "seed": seed,
+    params = {**dataclasses.asdict(cfg), "budget": budget, "n_rules": n_rules, "seed": seed,
               "combine": getattr(combine, "__name__", str(combine))}
     return SearchResult("top_n", final, metrics=metrics, cost=cost, rule_table=table,
                         params=params, **scores)

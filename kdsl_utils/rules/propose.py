@@ -86,32 +86,40 @@ class Proposer:
         """``rules`` with support/precision measured on the proposer's training fold (if any)."""
         return _measure(list(rules), self.engine, "train")
 
-    def _key(self, target_label: str, errors: Sequence[ErrorExample], k: int) -> Any:
-        return (target_label, tuple(sorted(e.id for e in errors if e.gold == target_label)), k)
+    def _key(self, target_label: str, errors: Sequence[ErrorExample], k: int,
+             context: Sequence[Rule] = ()) -> Any:
+        """Cache key of a request: the label, its error ids, ``k`` and the current rule set
+        (so the same label asked from another state is a new request, not a cache hit)."""
+        return (target_label, tuple(sorted(e.id for e in errors if e.gold == target_label)), k,
+                tuple(sorted(r.key for r in context)))
 
     def propose(self, target_label: str, errors: Sequence[ErrorExample] = (),
-                k: int = 5) -> list[Rule]:
-        """Up to ``k`` rules predicting ``target_label``, informed by the current ``errors``."""
+                k: int = 5, context: Sequence[Rule] = ()) -> list[Rule]:
+        """Up to ``k`` rules predicting ``target_label``, informed by the current ``errors``;
+        ``context`` is the rule set the rules would join (a proposer proposes rules not in it)."""
         if target_label not in LABEL_TO_TASK:
             raise ValueError(f"unknown label {target_label!r}")
-        errors = list(errors)
-        key = self._key(target_label, errors, k)
+        errors, context = list(errors), tuple(context)
+        key = self._key(target_label, errors, k, context)
         if key in self._cache:
             self.cache_hits += 1
             return list(self._cache[key])
         t0 = time.perf_counter()
-        rules = self._propose(target_label, errors, k, call=self.calls)
+        have = {r.key for r in context}
+        rules = [r for r in self._propose(target_label, errors, k, call=self.calls,
+                                          context=context) if r.key not in have]
         self.wall_s += time.perf_counter() - t0
         self.calls += 1
         self._cache[key] = list(rules)
         return list(rules)
 
     def _propose(self, target_label: str, errors: list[ErrorExample], k: int,
-                 call: int) -> list[Rule]:
+                 call: int, context: tuple[Rule, ...] = ()) -> list[Rule]:
         raise NotImplementedError
 
     def cost(self) -> dict[str, Any]:
         return {"proposer": self.name, "calls": self.calls, "cache_hits": self.cache_hits,
+                "requests": self.calls + self.cache_hits,
                 "tokens": self.tokens, "proposer_wall_s": round(self.wall_s, 4)}
 
 
@@ -299,9 +307,14 @@ class DataProposer(Proposer):
         return out
 
     def _propose(self, target_label: str, errors: list[ErrorExample], k: int,
-                 call: int) -> list[Rule]:
+                 call: int, context: tuple[Rule, ...] = ()) -> list[Rule]:
         task = LABEL_TO_TASK[target_label]
-        cands = self.candidates(target_label)[: max(4 * k, 40)]
+        have = {tuple(sorted(c.key for c in r.conditions)) for r in context
+                if r.label == target_label}
+        # candidates the current rule set already holds are skipped, so a repeated request
+        # from a grown state reaches further down the ranking
+        cands = [c for c in self.candidates(target_label)
+                 if tuple(sorted(x.key for x in c[0])) not in have][: max(4 * k, 40)]
         if not cands:
             return []
         rules = [Rule(rule_id_for(task, target_label, conds, prefix="d"), task, target_label,
@@ -636,11 +649,12 @@ class LLMProposer(Proposer):
         ]
         return "\n".join(lines)
 
-    def _key(self, target_label: str, errors: Sequence[ErrorExample], k: int) -> Any:
+    def _key(self, target_label: str, errors: Sequence[ErrorExample], k: int,
+             context: Sequence[Rule] = ()) -> Any:
         return self.build_prompt(target_label, errors, k)
 
     def _propose(self, target_label: str, errors: list[ErrorExample], k: int,
-                 call: int) -> list[Rule]:
+                 call: int, context: tuple[Rule, ...] = ()) -> list[Rule]:
         prompt = self.build_prompt(target_label, errors, k)
         answer = self.generate(prompt)
         self.last_prompt, self.last_answer = prompt, answer

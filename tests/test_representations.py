@@ -1,0 +1,170 @@
+"""NoteLLM-2-style representations (kdsl_utils.representations) on hand-made inputs.
+
+The frozen extractors are not run here (their cache and outputs are tested in test_mini);
+the inputs are random vectors with a label signal in chosen blocks, so each test can say
+which side of the recipe must carry it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdsl_utils import representations as R
+from kdsl_utils.config import ConfigError, ReprCfg, resolve
+from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS, LABEL_INDEX, LABELS
+from kdsl_utils.data.records import Record
+
+N_VIS = 1287
+
+
+def rec(rid: str, task: str, label: str) -> Record:
+    return Record(id=rid, task=task, instruction="", label=label, images=(),
+                  candidates=LABELS[task])
+
+
+def dataset(n_per_label: int = 8, n_labels: int = 4, signal: str = "word", seed: int = 0,
+            noise: float = 1.0):
+    """Records of 4 image labels and 4 intent labels, inputs with the label in ``signal``."""
+    rng = np.random.default_rng(seed)
+    labs = [("image", lab) for lab in IMAGE_LABELS[:n_labels]]
+    labs += [("intent", lab) for lab in INTENT_LABELS[:n_labels]]
+    centres = {lab: rng.normal(size=R.TEXT_DIM if signal != "visual" else N_VIS) * 3
+               for _, lab in labs}
+    recs, rows = [], []
+    for task, lab in labs:
+        for i in range(n_per_label):
+            recs.append(rec(f"{lab}-{i}", task, lab))
+            rows.append(centres[lab])
+    n = len(recs)
+    word, note, pooled = (rng.normal(size=(n, R.TEXT_DIM)).astype(np.float32) * noise
+                          for _ in range(3))
+    visual = rng.normal(size=(n, N_VIS)).astype(np.float32) * noise
+    sig = np.asarray(rows, dtype=np.float32)
+    {"word": word, "note": note, "pooled": pooled, "visual": visual}[signal] += sig
+    if signal == "word":
+        pooled += sig  # the pooled passage contains the image's text too
+    x = R.ReprInputs([r.id for r in recs], word, note, pooled, visual)
+    return recs, x
+
+
+RC = ReprCfg(epochs=15, dim=32, batch_size=16, learning_rate=3e-3)
+
+
+def test_config_section():
+    cfg = resolve("mini", repr__epochs=3)
+    assert cfg.repr.epochs == 3 and cfg.repr.encoder == "features"
+    assert resolve("tiny").repr.epochs < resolve("mini").repr.epochs
+    with pytest.raises(ConfigError):
+        resolve("mini", repr__epoch=3)
+
+
+def test_gate_is_bias_free_xavier_and_convex():
+    torch.manual_seed(0)
+    g = R.Gate(16)
+    assert g.w.bias is None and g.w.weight.shape == (16, 32)
+    bound = np.sqrt(6 / (16 + 32))  # Xavier-uniform bound for fan_in 32, fan_out 16
+    assert g.w.weight.abs().max() <= bound and g.w.weight.abs().max() > 0.5 * bound
+    h, v = torch.randn(5, 16), torch.randn(5, 16)
+    e = g(h, v)
+    lo, hi = torch.minimum(h, v), torch.maximum(h, v)
+    assert ((e >= lo - 1e-6) & (e <= hi + 1e-6)).all()  # z in (0, 1): e between h and v
+
+
+def test_contrastive_loss_rewards_clusters_and_skips_lonely_anchors():
+    labels = torch.tensor([0, 0, 1, 1, 2])  # label 2 has no positive: skipped
+    scale = torch.tensor(np.log(1 / 0.1), requires_grad=True)
+    clustered = torch.nn.functional.normalize(torch.tensor(
+        [[1, 0, 0], [1, 0.1, 0], [0, 1, 0], [0.1, 1, 0], [0, 0, 1.0]]), dim=1)
+    mixed = clustered[[0, 2, 1, 3, 4]]
+    good = R.contrastive_loss(clustered, labels, scale)
+    bad = R.contrastive_loss(mixed, labels, scale)
+    assert good < bad
+    good.backward()
+    assert scale.grad is not None and scale.grad != 0  # the temperature is learnable
+    assert R.contrastive_loss(clustered, torch.tensor([0, 1, 2, 3, 4]), scale) == 0
+
+
+@pytest.mark.parametrize("name", list(R.VARIANTS))
+def test_every_variant_reads_what_it_should(name):
+    recs, x = dataset(n_per_label=2)
+    rep = R.train(recs, x, name, ReprCfg(epochs=1, dim=8, batch_size=8), seed=0)
+    e = rep.embed(x)
+    assert e.shape == (len(recs), 8)
+    assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    v = R.VARIANTS[name]
+    other_text = R.ReprInputs(x.ids, x.word[::-1].copy(), x.note[::-1].copy(),
+                              x.pooled[::-1].copy(), x.visual)
+    other_vis = R.ReprInputs(x.ids, x.word, x.note, x.pooled, x.visual[::-1].copy())
+    assert np.allclose(rep.embed(other_text), e) == (not v.text)
+    assert np.allclose(rep.embed(other_vis), e) == (not v.visual)
+    # pooled is read only without mICL, word/note only with it
+    other_pooled = R.ReprInputs(x.ids, x.word, x.note, x.pooled[::-1].copy(), x.visual)
+    assert np.allclose(rep.embed(other_pooled), e) == (v.micl or not v.text)
+
+
+def test_training_clusters_labels_and_knn_recovers_them():
+    recs, x = dataset(signal="word", seed=1, noise=2.0)
+    test_recs, xt = dataset(signal="word", seed=1, noise=2.0)  # same centres, fresh noise below
+    rng = np.random.default_rng(7)
+    xt = R.ReprInputs([f"t{i}" for i in xt.ids], xt.word + rng.normal(size=xt.word.shape).astype(
+        np.float32), xt.note, xt.pooled, rng.normal(size=xt.visual.shape).astype(np.float32))
+    test_recs = [rec(f"t{r.id}", r.task, r.label) for r in test_recs]
+    rep = R.train(recs, x, "full", RC, seed=0)
+    assert rep.losses[-1] < rep.losses[0] - 0.5  # the multi-positive loss has a floor > 0
+    sim = R._similarities(rep.embed(xt), test_recs, rep.embed(x), recs)
+    hits = R.recall_at_k(sim, test_recs, recs, (1, 5))
+    assert hits[1].mean() > 0.9 and hits[5].mean() >= hits[1].mean()
+    proba = R.knn_proba(sim, recs, test_recs, 5, rep.temperature)
+    pred = proba.argmax(axis=1)
+    gold = np.array([LABEL_INDEX[r.label] for r in test_recs])
+    assert (pred == gold).mean() > 0.9
+    # the image-only variant cannot see a signal that lives in the OCR text's embedding
+    rep_img = R.train(recs, x, "image_only", RC, seed=0)
+    sim_img = R._similarities(rep_img.embed(xt), test_recs, rep_img.embed(x), recs)
+    assert R.recall_at_k(sim_img, test_recs, recs, (1,))[1].mean() < 0.6
+
+
+def test_knn_proba_respects_tasks_candidates_and_k():
+    g = [rec("a", "image", IMAGE_LABELS[0]), rec("b", "image", IMAGE_LABELS[1]),
+         rec("c", "intent", INTENT_LABELS[0])]
+    q = [rec("q", "image", IMAGE_LABELS[1]), rec("r", "intent", INTENT_LABELS[3])]
+    emb_g = np.eye(3, dtype=np.float32)
+    emb_q = np.array([[0.9, 0.1, 0.0], [1.0, 0.0, 0.0]], dtype=np.float32)
+    sim = R._similarities(emb_q, q, emb_g, g)
+    assert np.isinf(sim[0, 2]) and np.isinf(sim[1, :2]).all()  # other task: never a neighbour
+    p1 = R.knn_proba(sim, g, q, 1, 0.1)
+    assert np.allclose(p1.sum(axis=1), 1)
+    assert p1[0].argmax() == LABEL_INDEX[IMAGE_LABELS[0]]
+    assert p1[1].argmax() == LABEL_INDEX[INTENT_LABELS[0]]  # the only intent neighbour
+    assert p1[0, LABEL_INDEX[INTENT_LABELS[0]]] == 0  # outside the candidates
+    hits = R.recall_at_k(sim, q, g, (1, 2))
+    assert hits[1].tolist() == [0.0, 0.0] and hits[2].tolist() == [1.0, 0.0]
+
+
+def test_leave_one_out_excludes_self_and_augmented_copies():
+    g = [rec("a", "image", IMAGE_LABELS[0]), rec("a#dlg0", "image", IMAGE_LABELS[0]),
+         rec("b", "image", IMAGE_LABELS[1])]
+    sim = R._similarities(np.eye(3, dtype=np.float32), g, np.eye(3, dtype=np.float32), g)
+    assert np.isinf(sim[0, :2]).all() and np.isinf(sim[1, :2]).all() and np.isinf(sim[2, 2])
+
+
+def test_nearest_labels_and_choose_k():
+    recs, x = dataset(signal="visual", seed=2, noise=0.5)
+    rep = R.train(recs, x, "image_only", RC, seed=0)
+    near = R.nearest_labels(rep, recs, x, recs, x)  # leave-one-out on the training set
+    assert np.mean([n == r.label for n, r in zip(near, recs)]) > 0.9
+    sim = R._similarities(rep.embed(x), recs, rep.embed(x), recs)
+    k, scores = R.choose_k(sim, recs, recs, (1, 3, 31), rep.temperature)
+    assert set(scores) == {1, 3, 31} and scores[k] == max(scores.values())
+
+
+def test_partners_prefer_copies_and_stay_in_label():
+    recs = [rec("a", "intent", INTENT_LABELS[0]), rec("a#dlg0", "intent", INTENT_LABELS[0]),
+            rec("b", "intent", INTENT_LABELS[0]), rec("c", "intent", INTENT_LABELS[1])]
+    rng = np.random.default_rng(0)
+    draws = np.stack([R._partners(recs, rng) for _ in range(200)])
+    assert (draws[:, 3] == 3).all()  # alone in its label, no copy: itself (skipped by the loss)
+    assert set(draws[:, 0]) == {1, 2} and (draws[:, 0] == 1).mean() > 0.4
+    assert set(draws[:, 2]) <= {0, 1}
