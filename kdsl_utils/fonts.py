@@ -18,6 +18,13 @@ import os
 from functools import cache, lru_cache
 from pathlib import Path
 
+from PIL import ImageFont
+
+try:  # a pinned dependency; its absence gets a message naming it (cjk_font_path)
+    import noto_cjk_sans_otc  # type: ignore[import-not-found]
+except ImportError:
+    noto_cjk_sans_otc = None
+
 FONT_PACKAGE = "noto-cjk-sans-otc"
 FONT_PIN = "noto-cjk-sans-otc==0.0.1"
 FONT_FAMILY = "Noto Sans CJK SC"
@@ -36,12 +43,10 @@ def cjk_font_path() -> Path:
         if not p.is_file():
             raise CJKFontNotFoundError(f"${ENV_VAR}={override!r} is not a font file")
         return p
-    try:
-        import noto_cjk_sans_otc  # type: ignore[import-not-found]
-    except ImportError:
+    if noto_cjk_sans_otc is None:
         raise CJKFontNotFoundError(
             f"No CJK font found. Install the font package: pip install {FONT_PIN} "
-            f"(or set ${ENV_VAR} to a font file with Simplified Chinese glyphs)") from None
+            f"(or set ${ENV_VAR} to a font file with Simplified Chinese glyphs)")
     p = Path(str(noto_cjk_sans_otc.FONT_PATH))
     if not p.is_file():
         raise CJKFontNotFoundError(f"{FONT_PACKAGE} is installed but its font file {p} is missing; "
@@ -52,8 +57,6 @@ def cjk_font_path() -> Path:
 @cache
 def _sc_face_index(path: str) -> int:
     """Index of the Simplified Chinese face in a font collection (0 for a single font)."""
-    from PIL import ImageFont
-
     first_sc = None
     for i in range(32):
         try:
@@ -70,8 +73,6 @@ def _sc_face_index(path: str) -> int:
 @lru_cache(maxsize=64)
 def cjk_font(size: int):
     """A Pillow ``FreeTypeFont`` of the CJK font at ``size`` px (cached per size)."""
-    from PIL import ImageFont
-
     path = str(cjk_font_path())
     # BASIC layout: no dependency on libraqm being present, so the same glyph placement (and
     # the same synthetic image bytes) wherever Pillow runs; CJK needs no complex shaping.
@@ -82,23 +83,3 @@ def cjk_font(size: int):
 def cjk_family_name() -> str:
     """Family name of the face :func:`cjk_font` uses (what matplotlib knows it by)."""
     return cjk_font(12).getname()[0]
-
-
-def setup_matplotlib_cjk() -> str:
-    """Register the CJK font with matplotlib and put it first in the sans-serif list.
-
-    After this, Chinese titles, labels and tick labels render without missing-glyph
-    warnings. Idempotent. Returns the family name set.
-    """
-    import matplotlib as mpl
-    from matplotlib import font_manager
-
-    path = cjk_font_path()
-    family = cjk_family_name()
-    known = {(f.fname, f.name) for f in font_manager.fontManager.ttflist}
-    if (str(path), family) not in known:
-        font_manager.fontManager.addfont(str(path))
-    sans = [f for f in mpl.rcParams["font.sans-serif"] if f != family]
-    mpl.rcParams["font.sans-serif"] = [family, *sans]
-    mpl.rcParams["font.family"] = ["sans-serif"]
-    return family

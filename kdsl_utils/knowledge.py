@@ -28,7 +28,7 @@ from .config import Profile
 from .data.labels import ALL_LABELS
 from .data.records import Record
 from .data.splits import stratified_split
-from .features import FeatureCache, ocr_images, ocr_text
+from .features import FeatureCache, default_cache_dir, ocr_images, ocr_text
 from .models.base import FitLog, Predictions
 from .models.registry import make_backend
 from .results import atomic_path
@@ -122,7 +122,9 @@ def make_proposer(cfg: Profile, teach: Observables, *, kind: str, seed: int,
         raise ValueError(f"unknown proposer {kind!r}: 'data' or 'llm'")
     if generate is None:
         raise ValueError("the llm proposer needs the small model's generate(prompt) -> str")
-    return LLMProposer(generate, train=teach, count_tokens=count_tokens, seed=seed)
+    return LLMProposer(generate, train=teach, count_tokens=count_tokens, seed=seed,
+                       semantic=cfg.rules.semantic,
+                       answer_cache=default_cache_dir() / "llm_answers")
 
 
 def majority_labels(train: Sequence[Record]) -> dict[str, int]:

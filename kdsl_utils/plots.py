@@ -16,9 +16,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 
-from .fonts import setup_matplotlib_cjk  # noqa: E402
+from . import fonts  # noqa: E402
+from .data.images import load_rgb  # noqa: E402
 from .results import atomic_path, read_metrics, read_table  # noqa: E402
+
+
+def setup_matplotlib_cjk() -> str:
+    """Register the CJK font with matplotlib and put it first in the sans-serif list.
+
+    After this, Chinese titles, labels and tick labels render without missing-glyph
+    warnings. Idempotent. Returns the family name set.
+    """
+    path = fonts.cjk_font_path()
+    family = fonts.cjk_family_name()
+    known = {(f.fname, f.name) for f in font_manager.fontManager.ttflist}
+    if (str(path), family) not in known:
+        font_manager.fontManager.addfont(str(path))
+    sans = [f for f in matplotlib.rcParams["font.sans-serif"] if f != family]
+    matplotlib.rcParams["font.sans-serif"] = [family, *sans]
+    matplotlib.rcParams["font.family"] = ["sans-serif"]
+    return family
 
 
 def style() -> None:
@@ -65,16 +84,13 @@ def length_hists(lengths: pd.DataFrame, title: str = "") -> plt.Figure:
 
 def gallery(items: Sequence[tuple[Path, str]], ncols: int = 4, title: str = "") -> plt.Figure:
     """A grid of images with captions; ``items`` are (image path, caption)."""
-    from PIL import Image
-
     style()
     nrows = max(1, -(-len(items) // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 4.4 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (path, caption) in zip(axes.flat, items):
-        with Image.open(path) as im:
-            ax.imshow(im.convert("RGB"))
+        ax.imshow(load_rgb(path))  # the project's one decoder (EXIF, modes, alpha)
         ax.set_title(caption, fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()

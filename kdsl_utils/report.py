@@ -102,6 +102,11 @@ def gain_rows(y_true: np.ndarray, pred: np.ndarray, base: np.ndarray, tasks: Seq
                                                           ("_hi", "hi"))]
 
 
+# notebook 05's variants (kdsl_utils.dynamic_cot.VARIANTS) x inference, as README rows
+COT_ROWS = {f"{v}/{m}": f"{v} ({m.replace('_', ' ')})" for v in ("sft", "full_cot", "dynamic_cot")
+            for m in ("parsed", "scored_after_reasoning")}
+
+
 def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None) -> pd.DataFrame:
     """Wide table: one row per variant (display name), columns ``split/task`` holding
     ``mean [lo, hi]`` of weighted F1 (mean over seeds; CI of the first seed when present),
@@ -352,6 +357,15 @@ def readme_section(label: str, paths: Mapping[str, Path], fig_dir: Path | str,
                "and per task.", "", to_markdown(table), "",
                "KDSL's gain beside the paper's (different models, data sizes and baselines):", "",
                to_markdown(gains_vs_paper(m03)), ""]
+    if "05_dynamic_cot" in paths:
+        m05 = read_metrics(Path(paths["05_dynamic_cot"]) / "metrics.csv")
+        md += ["**Dynamic CoT** (notebook 05): weighted F1 of each post-training variant, label "
+               "parsed from the generation or scored after the generated reasoning.", ""]
+        if (m05.metric == "applicable").any():  # written by profiles without a generative student
+            md += ["Not applicable for this profile (no generative student): "
+                   + ", ".join(sorted(m05.variant.unique())) + ".", ""]
+        else:
+            md += [to_markdown(results_table(m05, rows=COT_ROWS)), ""]
     times = time_table(dict(paths))
     times.to_csv(fig_dir / "run_times.csv", index=False)
     md += [f"**Run time** of the last run of each notebook (seconds; `features_s`: OCR and embeddings "

@@ -300,12 +300,10 @@ def test_cjk_font_renders_chinese():
 
 
 def test_missing_font_names_the_package(monkeypatch):
-    import sys
-
     from kdsl_utils import fonts
 
     monkeypatch.delenv(fonts.ENV_VAR, raising=False)
-    monkeypatch.setitem(sys.modules, "noto_cjk_sans_otc", None)
+    monkeypatch.setattr(fonts, "noto_cjk_sans_otc", None)
     with pytest.raises(fonts.CJKFontNotFoundError, match=re.escape(fonts.FONT_PIN)):
         fonts.cjk_font_path()
     monkeypatch.setenv(fonts.ENV_VAR, "/nonexistent/font.ttf")
@@ -319,10 +317,10 @@ def test_matplotlib_renders_chinese_without_missing_glyphs(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kdsl_utils import fonts
+    from kdsl_utils import plots
 
-    family = fonts.setup_matplotlib_cjk()
-    assert fonts.setup_matplotlib_cjk() == family
+    family = plots.setup_matplotlib_cjk()
+    assert plots.setup_matplotlib_cjk() == family
     fig, ax = plt.subplots()
     try:
         ax.bar(["退款页面", "商品头图", "实物拍摄(含售后)"], [1, -2, 3])

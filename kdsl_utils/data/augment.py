@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..hashing import stable_int
+from .images import load_rgb
 from .labels import INTENT_TASK
 from .prompts import intent_instruction
 from .records import AGENT, USER, Record
@@ -56,12 +57,11 @@ def resize_copies(records: Sequence[Record], out_dir: Path | str, *, copies: int
                 # Seed and copy in the name: a file left by another seed is never reused.
                 target = out_dir / f"{p.stem}-s{seed}-aug{k}-{j}{p.suffix}"
                 if not target.exists():
-                    with Image.open(p) as im:
-                        w, h = im.size
-                        im = im.convert("RGB") if p.suffix.lower() in (".jpg", ".jpeg") else im
-                        with atomic_path(target) as tmp:  # a killed run leaves no torn copy to reuse
-                            im.resize((max(8, round(w * f)), max(8, round(h * f))),
-                                      Image.Resampling.BICUBIC).save(tmp)
+                    im = load_rgb(p)  # the one decoder: upright, 8-bit RGB, alpha on white
+                    w, h = im.size
+                    with atomic_path(target) as tmp:  # a killed run leaves no torn copy to reuse
+                        im.resize((max(8, round(w * f)), max(8, round(h * f))),
+                                  Image.Resampling.BICUBIC).save(tmp)
                 new_paths.append(target)
             out.append(dataclasses.replace(r, id=f"{r.id}#aug{k}", images=tuple(new_paths)))
     return out

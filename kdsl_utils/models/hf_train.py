@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,10 +65,13 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_fingerprint(records: Sequence[Record], tcfg: TrainCfg, seed: int) -> str:
+def run_fingerprint(records: Sequence[Record], tcfg: TrainCfg, seed: int, extra: str = "") -> str:
     """Hash of what a checkpoint depends on: the training records (ids, labels, prompts,
-    image paths), the hyper-parameters and the seed."""
+    image paths), the hyper-parameters, the seed and ``extra`` (what else decides the
+    targets, e.g. dynamic CoT's rationales and threshold; empty for plain SFT)."""
     h = hashlib.sha256(json.dumps([dataclasses.asdict(tcfg), seed], sort_keys=True, default=str).encode())
+    if extra:
+        h.update(extra.encode())
     for r in records:
         h.update(json.dumps([r.id, r.label, r.instruction, [str(p) for p in r.images]]).encode())
     return h.hexdigest()
@@ -189,14 +192,19 @@ def train_sft(
     bf16: bool = False,
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
+    targets: Mapping[str, str] | None = None,
+    fingerprint_extra: str = "",
 ) -> TrainResult:
     """Fine-tune ``model`` (already prepared: LoRA / QLoRA / full) on ``records``.
 
     ``out_dir`` None trains without checkpoints (in a temporary directory). ``callbacks``
-    go to the Trainer (the tests interrupt a run with one).
+    go to the Trainer (the tests interrupt a run with one). ``targets`` (record id -> answer
+    text, read at every access) replaces the label as the trained answer of the records it
+    holds (chain-of-thought targets, :mod:`kdsl_utils.dynamic_cot`); ``fingerprint_extra``
+    must then say what decides it, so checkpoints of other targets are not resumed.
     """
     t0 = time.perf_counter()
-    fp = run_fingerprint(records, tcfg, seed)
+    fp = run_fingerprint(records, tcfg, seed, fingerprint_extra)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         if not resume:  # train afresh: a previous finished result is not this run's
@@ -207,7 +215,7 @@ def train_sft(
             finished.extra = {**finished.extra, "loaded_finished": str(Path(out_dir) / FINAL_WEIGHTS)}
             return finished
     set_seed(seed)
-    dataset, report = sft_dataset(records, encoder)
+    dataset, report = sft_dataset(records, encoder, targets=targets)
     if len(dataset) == 0:
         raise ValueError("no training example fits max_length (see the truncation report)")
     tmp = None

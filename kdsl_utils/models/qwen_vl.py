@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,8 +343,14 @@ class QwenVLBackend:
         out_dir: Path | None = None,
         resume: bool = True,
         progress: bool = True,
+        targets: Mapping[str, str] | None = None,
+        callbacks: Sequence[Any] = (),
+        fingerprint_extra: str = "",
     ) -> FitLog:
-        """Fine-tune the base on ``mix`` of ``train``; returns loss curve, counts, wall time."""
+        """Fine-tune the base on ``mix`` of ``train``; returns loss curve, counts, wall time.
+
+        ``targets``, ``callbacks`` and ``fingerprint_extra`` go to :func:`~.hf_train.train_sft`
+        (per-record answer overrides: chain-of-thought post-training)."""
         t0 = time.perf_counter()
         records = select_mix(train, mix)
         if not records:
@@ -376,6 +382,9 @@ class QwenVLBackend:
                 device=self.cfg.device,
                 bf16=self.cfg.model.dtype == "bfloat16",
                 progress=progress,
+                callbacks=callbacks,
+                targets=targets,
+                fingerprint_extra=fingerprint_extra,
             )
         self.model.eval()
         self.fit_info = FitLog(

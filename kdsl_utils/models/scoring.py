@@ -338,6 +338,8 @@ class GenerationResult:
     new_tokens: int = 0
     truncation: dict[str, Any] = field(default_factory=dict)
     seq_scores: list[float] | None = None  # sequence log-prob per output (return_scores=True)
+    n_tokens: list[int] = field(default_factory=list)  # generated tokens per output, end token excluded
+    stopped: list[bool] = field(default_factory=list)  # the output ended with an end token
 
     @property
     def counts(self) -> dict[str, int]:
@@ -416,6 +418,8 @@ def generate_labels(
         max_new_tokens = max(len(encoder.label_ids(c)) for r in records for c in r.candidates) + 2
     collate = SFTCollator(encoder, padding_side="left")
     texts: list[str] = [""] * len(records)
+    n_tokens: list[int] = [0] * len(records)
+    stopped: list[bool] = [False] * len(records)
     seq_scores: list[float] = [float("nan")] * len(records)
     counter = Counter()
     common = {
@@ -459,6 +463,8 @@ def generate_labels(
             toks = new[j].tolist()
             end = next((k + 1 for k, t in enumerate(toks) if t in eos), len(toks))
             counter["new_tokens"] += end
+            stopped[i] = end <= len(toks) and any(t in eos for t in toks[:end])
+            n_tokens[i] = end - int(stopped[i])
             texts[i] = encoder.tokenizer.decode(toks, skip_special_tokens=True)
             if return_scores:
                 seq_scores[i] = sc[j]
@@ -489,5 +495,7 @@ def generate_labels(
         new_tokens=counter["new_tokens"],
         truncation=report.as_dict(),
         seq_scores=seq_scores if return_scores else None,
+        n_tokens=n_tokens,
+        stopped=stopped,
     )
     return res

@@ -47,7 +47,8 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -58,6 +59,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.images import load_rgb
 from ..data.prompts import DIALOGUE_END, DIALOGUE_START
 from ..data.hf import quiet_progress, to_hf_dataset
 from ..data.records import AGENT, IMAGE_TOKEN, USER, Record
@@ -113,8 +115,7 @@ def chat_messages(
 
 
 def load_image(path: Path | str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return load_rgb(path)  # the one decoder: upright, 8-bit RGB, alpha on white
 
 
 # --------------------------------------------------------------------------- planning
@@ -458,11 +459,21 @@ class RecordEncoder:
                 out[k].append(v)
         return out
 
-    def encode_rows(self, batch: dict[str, list]) -> dict[str, list]:
+    def encode_rows(
+        self, batch: dict[str, list], targets: Mapping[str, str] | None = None
+    ) -> dict[str, list]:
         """``with_transform`` function: model inputs (see :meth:`encode`) of a batch of planned
-        rows, with the answer and its labels where the row has a ``label``."""
-        encs = [self.encode(PromptPlan.from_row({k: batch[k][i] for k in batch}),
-                            batch["label"][i] if "label" in batch else None)
+        rows, with the answer and its labels where the row has a ``label``. ``targets`` (record
+        id -> answer text) overrides the label as the answer of the records it holds; it is
+        read at every access, so a caller may change it between epochs (dynamic CoT)."""
+        def answer(i: int) -> str | None:
+            if "label" not in batch:
+                return None
+            if targets is not None and batch["id"][i] in targets:
+                return targets[batch["id"][i]]
+            return batch["label"][i]
+
+        encs = [self.encode(PromptPlan.from_row({k: batch[k][i] for k in batch}), answer(i))
                 for i in range(len(batch["id"]))]
         return {k: [e[k] for e in encs] for k in ENCODED_KEYS}
 
@@ -569,11 +580,13 @@ def sft_dataset(
     *,
     drop_over_limit: bool = True,
     cache_dir: Path | str | None = None,
+    targets: Mapping[str, str] | None = None,
 ) -> tuple[datasets.Dataset, TruncationReport]:
     """Training examples: :func:`plan_dataset` without the over-limit records (their ids in
     ``report.dropped_ids``), pixels processed lazily per item by ``with_transform``
     (:meth:`RecordEncoder.encode_rows`: ``input_ids``, ``labels``, ``prompt_len``,
-    ``pixel_values``, ``image_grid_thw``), in record order."""
+    ``pixel_values``, ``image_grid_thw``), in record order. ``targets`` overrides the answer
+    of the records it holds (:meth:`RecordEncoder.encode_rows`)."""
     unlabelled = [r.id for r in records if r.label is None]
     if unlabelled:
         raise ValueError(
@@ -584,7 +597,8 @@ def sft_dataset(
     if drop_over_limit:
         report.dropped_ids.extend(r.id for r, st in zip(records, status) if st == "over_limit")
         ds = ds.select([i for i, st in enumerate(status) if st != "over_limit"])
-    ds = ds.with_transform(encoder.encode_rows, columns=["id", "label", *PLAN_FEATURES])
+    ds = ds.with_transform(partial(encoder.encode_rows, targets=targets),
+                           columns=["id", "label", *PLAN_FEATURES])
     return ds, report
 
 

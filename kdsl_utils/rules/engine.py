@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import features
 from ..data.labels import ALL_LABELS, LABEL_INDEX, label_indices  # noqa: F401 (re-exported)
-from .schema import FIELDS, Condition, Rule
+from .schema import FIELDS, SEMANTIC_OPS, Condition, Rule
 
 IMAGE_PLACEHOLDER = "<image>"
 _NUMERIC = {"eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "ge": operator.ge,
@@ -46,7 +47,9 @@ class Observables:
     fields, an int array for ``image_count``, a tuple of scene labels for ``image_scene``.
     ``available`` names the fields that were actually provided (e.g. no OCR in a run without
     it); conditions on other fields see empty values. ``labels`` holds gold label indices
-    where known (else None).
+    where known (else None). ``embed``, where semantic conditions are used, maps a list of
+    texts to their (n, d) L2-normalised embeddings (``semantic_embedder``); it is carried by
+    ``subset`` and ``concat_observables``.
     """
 
     ids: list[str]
@@ -55,6 +58,8 @@ class Observables:
     available: frozenset[str] = frozenset()
     labels: np.ndarray | None = None
     _lower: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    embed: Callable[[Sequence[str]], np.ndarray] | None = field(default=None, repr=False)
+    _emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -71,7 +76,7 @@ class Observables:
         for k, v in self.fields.items():
             f[k] = v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]
         return Observables([self.ids[i] for i in idx], self.tasks[idx], f, self.available,
-                           None if self.labels is None else self.labels[idx])
+                           None if self.labels is None else self.labels[idx], embed=self.embed)
 
     def record(self, i: int) -> dict[str, Any]:
         """The observable fields of record ``i`` as a plain dict (for prompts and errors)."""
@@ -150,7 +155,60 @@ def concat_observables(*parts: Observables) -> Observables:
     labels = None if any(p.labels is None for p in parts) else \
         np.concatenate([p.labels for p in parts])
     return Observables([i for p in parts for i in p.ids], np.concatenate([p.tasks for p in parts]),
-                       f, frozenset().union(*(p.available for p in parts)), labels)
+                       f, frozenset().union(*(p.available for p in parts)), labels,
+                       embed=next((p.embed for p in parts if p.embed is not None), None))
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic conditions (issue 15 item 1b)
+# --------------------------------------------------------------------------------------------
+
+def _normalised(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def semantic_similarity(obs: Observables, field_name: str, texts: Sequence[str]) -> np.ndarray:
+    """(n,) max cosine similarity of each record's ``field_name`` with any of ``texts``.
+
+    Records with an empty field get -1 (never similar). The records' embeddings are computed
+    once per Observables and field (``obs.embed``, itself cached by content on disk).
+    """
+    if obs.embed is None:
+        raise ValueError("a semantic condition needs Observables.embed (see "
+                         "engine.semantic_embedder); these observables have none")
+    vals = obs.fields[field_name]
+    if field_name not in obs._emb:
+        obs._emb[field_name] = _normalised(obs.embed(list(vals))) if len(vals) else \
+            np.zeros((0, 1), np.float32)
+    E = obs._emb[field_name]
+    if not len(vals):
+        return np.zeros(0, dtype=np.float32)
+    Q = _normalised(obs.embed(list(texts)))
+    sim = (E @ Q.T).max(axis=1)
+    empty = np.fromiter((not str(v).strip() for v in vals), bool, len(vals))
+    sim[empty] = -1.0
+    return sim
+
+
+def semantic_embedder(cache: Any = None, extractor: Any = None,
+                      ) -> Callable[[Sequence[str]], np.ndarray]:
+    """``texts -> (n, 384)`` multilingual-e5 embeddings (the profile's ``E5Embedder``), cached
+    by text content in the feature cache, for ``Observables.embed``."""
+    fc = cache if cache is not None else features.FeatureCache()
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return features.embed_texts(list(texts), fc, extractor=extractor, progress=False)
+
+    return embed
+
+
+def with_embedder(obs: Observables, embed: Callable[[Sequence[str]], np.ndarray]
+                  ) -> Observables:
+    """``obs`` with ``embed`` attached, so semantic conditions can be evaluated on it."""
+    obs.embed = embed
+    obs._emb.clear()
+    return obs
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +291,9 @@ class RuleEngine:
     def _eval_condition(self, c: Condition) -> np.ndarray:
         kind = FIELDS[c.field]
         vals = self.obs.fields[c.field]
-        if kind == "numeric":
+        if c.op in SEMANTIC_OPS:
+            m = semantic_similarity(self.obs, c.field, c.value) >= c.cosine_threshold
+        elif kind == "numeric":
             m = _NUMERIC[c.op](np.asarray(vals), c.value)
         elif kind == "scene":
             if c.op == "regex":

@@ -15,21 +15,28 @@ counts its calls, cache hits, tokens (when known) and wall time (``cost()``).
 
 from __future__ import annotations
 
+import hashlib
+import html
 import json
+import os
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
+from sklearn.feature_extraction.text import CountVectorizer
 
 from ..data.labels import ALL_LABELS, IMAGE_TASK, LABEL_TO_TASK
 from ..hashing import stable_int
 from .engine import LABEL_INDEX, Observables, RuleEngine
-from .schema import FIELDS, Condition, Rule, RuleValidationError, rule_id_for, validate_rule
+from .schema import (FIELDS, SEMANTIC_OPS, Condition, Rule, RuleValidationError, rule_id_for,
+                     validate_rule)
 
 
 @dataclass(frozen=True)
@@ -194,8 +201,6 @@ class DataProposer(Proposer):
     def _task_index(self, task: str) -> _TaskIndex:
         if task in self._index:
             return self._index[task]
-        from sklearn.feature_extraction.text import CountVectorizer
-
         rows = np.flatnonzero(self.train.tasks == task)
         cols: list[sparse.spmatrix] = []
         conds: list[Condition] = []
@@ -474,9 +479,14 @@ def _normalise(d: Mapping[str, Any], target_label: str | None, rid: str, call: i
         for c in conds:
             if isinstance(c, Mapping):
                 c = {_ALIASES.get(k, k): v for k, v in c.items()}
-                if c.get("op") in ("keyword_any", "keyword_all") and isinstance(c.get("value"),
-                                                                                  str):
+                if c.get("op") in ("keyword_any", "keyword_all", *SEMANTIC_OPS) and \
+                        isinstance(c.get("value"), str):
                     c["value"] = [c["value"]]
+                if c.get("op") in ("keyword_any", "keyword_all", *SEMANTIC_OPS) and \
+                        isinstance(c.get("value"), list):
+                    # a looping answer repeats strings ("推荐", "推荐", ...): keep each once
+                    c["value"] = list(dict.fromkeys(
+                        v.strip() if isinstance(v, str) else v for v in c["value"]))
             nc.append(c)
         conds = nc
     out["conditions"] = conds if conds is not None else []
@@ -519,8 +529,14 @@ def parse_rules(text: str, target_label: str | None = None, *, id_prefix: str = 
         elif isinstance(v, Mapping):
             if isinstance(v.get("rules"), list):
                 items += [x for x in v["rules"] if isinstance(x, Mapping)]
-            else:
+            elif "conditions" in v or "label" in v:
                 items.append(v)
+            else:  # a wrapper, e.g. {"semantic_rule": {...}, "keyword_rules": [...]}
+                for x in v.values():
+                    if isinstance(x, Mapping):
+                        items.append(x)
+                    elif isinstance(x, list):
+                        items += [y for y in x if isinstance(y, Mapping)]
     j = 0
     for d in items:
         if not ("conditions" in d or "label" in d):
@@ -549,42 +565,169 @@ FIELD_DESCRIPTIONS = {
     "image_count": "number of images the customer sent (a number)",
     "image_scene": "predicted scene label of each attached image",
 }
+#: What each label means, for the prompt (written from the label names of the challenge; the
+#: challenge gives no glosses).
+LABEL_MEANINGS: dict[str, str] = {
+    "实物拍摄(含售后)": "a photo of the physical product (often showing a defect, after-sales)",
+    "商品分类选项": "the product's option/variant selector (colour, size, SKU list)",
+    "商品头图": "the product's main picture on its page",
+    "商品详情页截图": "a screenshot of the product detail page (description, parameters)",
+    "下单过程中出现异常（显示购买失败浮窗）": "an ordering error pop-up (purchase failed)",
+    "订单详情页面": "an order detail page (order number, status, amount)",
+    "支付页面": "a payment page",
+    "消费者与客服聊天页面": "a screenshot of a chat with customer service",
+    "评论区截图页面": "a screenshot of product reviews",
+    "物流页面-物流列表页面": "a list of shipments / packages",
+    "物流页面-物流跟踪页面": "a parcel tracking page (courier, route, status)",
+    "物流页面-物流异常页面": "a logistics exception page (parcel stuck, returned, lost)",
+    "退款页面": "a refund page", "退货页面": "a return-goods page", "换货页面": "an exchange page",
+    "购物车页面": "a shopping cart page", "店铺页面": "a shop's home page",
+    "活动页面": "a promotion / campaign page", "优惠券领取页面": "a coupon claiming page",
+    "账单/账户页面": "a bill or account page", "个人信息页面": "a personal information page",
+    "投诉举报页面": "a complaint / report page", "平台介入页面": "a platform intervention page",
+    "外部APP截图": "a screenshot of another app", "其他类别图片": "any other picture",
+    "反馈密封性不好": "the customer reports the product leaks / does not seal well",
+    "是否好用": "asks whether the product is good / works well",
+    "是否会生锈": "asks whether the product rusts",
+    "排水方式": "asks how the appliance drains water",
+    "包装区别": "asks how packagings / package versions differ",
+    "发货数量": "asks how many items are shipped / in the package",
+    "反馈用后症状": "reports symptoms or reactions after using the product",
+    "商品材质": "asks what material the product is made of",
+    "功效功能": "asks what the product does / its effects and functions",
+    "是否易褪色": "asks whether the colour fades",
+    "适用季节": "asks which season the product is for",
+    "能否调光": "asks whether the light's brightness can be adjusted",
+    "版本款型区别": "asks how versions / models / styles differ",
+    "单品推荐": "asks the agent to recommend one product or which variant to choose",
+    "用法用量": "asks how to use the product and how much / how often",
+    "控制方式": "asks how the device is controlled (app, remote, switch)",
+    "上市时间": "asks when the product was released",
+    "商品规格": "asks about size, dimensions, capacity or specifications",
+    "信号情况": "asks about (phone / network) signal quality",
+    "养护方法": "asks how to care for / maintain / clean the product",
+    "套装推荐": "asks to recommend a set / bundle",
+    "何时上货": "asks when an item will be back in stock / on sale",
+    "气泡": "asks about or reports bubbles (e.g. in a screen protector or liquid)",
+}
+assert set(LABEL_MEANINGS) == set(ALL_LABELS)
+
+#: Condition kinds the LLM may write under the JSON-schema grammar: text fields only, keyword
+#: lists and semantic texts (both a list of strings: one grammar; numeric and regex conditions
+#: are left to the data-driven proposer).
+KEYWORD_LLM_OPS = ("keyword_any", "keyword_all")
+
+
+def answer_schema(fields: Sequence[str], k: int, *, semantic: bool = True,
+                  max_items: int = 6, max_keyword_len: int = 8, max_len: int = 60
+                  ) -> dict[str, Any]:
+    """JSON schema of an LLM answer: ``{"semantic_rule": R, "keyword_rules": [R, ...]}`` (one
+    semantic rule, up to k-1 keyword rules of 1..2 conditions), or without ``semantic``
+    ``{"rules": [R, ...]}`` (1..k keyword rules); ``R = {"rationale", "conditions"}``;
+    keyword conditions hold 1..``max_items`` keywords of at most ``max_keyword_len``
+    characters, semantic ones 1..4 texts of at most ``max_len``. llama.cpp
+    compiles it into a grammar, so the answer always parses and a loop cannot run past the
+    bounds."""
+    text_fields = [f for f in fields if FIELDS[f] == "text"] or ["user_text"]
+
+    def shape(ops: list[str], n_max: int, len_max: int) -> dict[str, Any]:
+        return {"type": "object",
+                "properties": {"field": {"enum": text_fields}, "op": {"enum": ops},
+                               "value": {"type": "array", "minItems": 1, "maxItems": n_max,
+                                         "items": {"type": "string", "minLength": 1,
+                                                   "maxLength": len_max}}},
+                "required": ["field", "op", "value"], "additionalProperties": False}
+
+    # keywords stay short (whole sentences never match as substrings); semantic texts may
+    # be sentences, at most 4 of them
+    kw = shape(list(KEYWORD_LLM_OPS), max_items, max_keyword_len)
+    sem = shape(list(SEMANTIC_OPS), 4, max_len)
+
+    def rule(cond: dict[str, Any], n_max: int) -> dict[str, Any]:
+        return {"type": "object",
+                "properties": {"rationale": {"type": "string", "maxLength": 160},
+                               "conditions": {"type": "array", "minItems": 1,
+                                              "maxItems": n_max, "items": cond}},
+                "required": ["rationale", "conditions"], "additionalProperties": False}
+
+    if not semantic:
+        return {"type": "object",
+                "properties": {"rules": {"type": "array", "minItems": 1,
+                                         "maxItems": max(k, 1), "items": rule(kw, 2)}},
+                "required": ["rules"], "additionalProperties": False}
+    # a 1.5B model asked for "a semantic rule first" kept writing keyword rules only (measured
+    # on real data): the grammar asks for one semantic rule, then up to k-1 keyword rules
+    return {"type": "object",
+            "properties": {"semantic_rule": rule(sem, 1),
+                           "keyword_rules": {"type": "array", "minItems": 0,
+                                             "maxItems": max(k - 1, 0), "items": rule(kw, 2)}},
+            "required": ["semantic_rule", "keyword_rules"], "additionalProperties": False}
+
+
+def _answer_key(prompt: str, identity: str, schema: Any) -> str:
+    return hashlib.sha256(json.dumps([prompt, identity, schema], ensure_ascii=False,
+                                     sort_keys=True).encode()).hexdigest()
 
 
 class LLMProposer(Proposer):
     """Asks a (small) language model for rules; ``generate(prompt) -> str`` is injected.
 
+    One proposer for every generator (issue 15 item 1): the paper profile's Qwen2-VL-2B
+    (``models.qwen_vl.small_model_generator``) and the mini profile's CPU model
+    (``models.small_lm.LlamaGenerator``) share the prompt (target label, what it means,
+    typical records, the current errors with their text, the rule schema), the tolerant parser
+    (``parse_rules``) and the validation; only ``generate`` differs. A generator with
+    ``supports_json_schema`` gets ``json_schema=answer_schema(...)`` (a grammar); one with
+    ``last_usage`` (``prompt_tokens``, ``completion_tokens``) reports exact tokens, else
+    ``count_tokens(text) -> int`` counts them.
+
     ``train`` (labelled ``Observables``), when given, supplies typical examples of the target
-    label for the prompt and the support/precision measured for each returned rule.
-    ``descriptions`` maps labels to a short gloss. ``count_tokens(text) -> int`` enables token
-    accounting (prompt + answer); characters are always counted.
+    label and the support/precision measured for each returned rule; semantic conditions
+    need ``train.embed`` and get their cosine threshold tuned on it (``tune_threshold``).
+    ``descriptions`` overrides ``LABEL_MEANINGS``. ``answer_cache`` (a directory) keeps
+    answers by prompt hash across runs (a hit costs no generation and is counted), for
+    generators that expose an ``identity`` (weights and sampling settings).
     """
 
     name = "llm"
 
-    def __init__(self, generate: Callable[[str], str], *, train: Observables | None = None,
+    def __init__(self, generate: Callable[..., str], *, train: Observables | None = None,
                  descriptions: Mapping[str, str] | None = None, fields: Sequence[str] | None = None,
                  max_examples: int = 6, max_chars: int = 240, n_typical: int = 2,
-                 count_tokens: Callable[[str], int] | None = None, seed: int = 0):
+                 count_tokens: Callable[[str], int] | None = None, seed: int = 0,
+                 semantic: bool = True, answer_cache: str | Path | None = None,
+                 thresholds: Sequence[float] = (0.84, 0.86, 0.88, 0.9, 0.92)):
         super().__init__(seed)
         self.generate = generate
         self.train = train
         self.engine = RuleEngine(train) if train is not None and train.labels is not None \
             else None
-        self.descriptions = dict(descriptions or {})
+        self.descriptions = {**LABEL_MEANINGS, **dict(descriptions or {})}
         avail = train.available if train is not None else frozenset(FIELDS)
         self.fields = [f for f in (fields or FIELDS) if f in avail]
         self.max_examples, self.max_chars, self.n_typical = max_examples, max_chars, n_typical
         self.count_tokens = count_tokens
-        self.tokens = 0 if count_tokens is not None else None
+        self.grammar = bool(getattr(generate, "supports_json_schema", False))
+        self.usage_known = hasattr(generate, "last_usage")
+        self.tokens = 0 if (count_tokens is not None or self.usage_known) else None
+        self.semantic = semantic
+        self.answer_cache = Path(answer_cache) if answer_cache is not None else None
+        self.thresholds = tuple(thresholds)
         self.prompt_chars = 0
         self.answer_chars = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.generate_s = 0.0
+        self.generator_calls = 0
+        self.disk_hits = 0
         self.n_valid = 0
         self.n_invalid = 0
         self.invalid_kinds: Counter[str] = Counter()
         self.invalid_examples: list[dict[str, Any]] = []
         self.last_prompt = ""
         self.last_answer = ""
+        self.last_report: ParseReport | None = None
+        self.log: list[dict[str, Any]] = []  # per call: label, prompt, answer, parse outcome
 
     def _fields_text(self, fields: Mapping[str, Any], task: str) -> list[str]:
         lines = []
@@ -603,6 +746,7 @@ class LLMProposer(Proposer):
         return lines
 
     def build_prompt(self, target_label: str, errors: Sequence[ErrorExample], k: int) -> str:
+        """The prompt for ``k`` rules for ``target_label`` (deterministic given the seed)."""
         task = LABEL_TO_TASK[target_label]
         fn = [e for e in errors if e.gold == target_label]
         fp = [e for e in errors if e.predicted == target_label and e.gold != target_label]
@@ -613,10 +757,15 @@ class LLMProposer(Proposer):
         pick_fp = [fp[i] for i in sorted(rng.choice(len(fp), n_fp, replace=False))] if n_fp else []
         desc = self.descriptions.get(target_label, "")
         lines = [
-            "You write rules for an e-commerce customer-service classifier.",
+            "You write rules for an e-commerce customer-service classifier (Chinese texts).",
             f"Task: {TASK_DESCRIPTIONS[task]}.",
             f'Target label: "{target_label}"' + (f" — {desc}" if desc else "") + ".",
         ]
+        confusable = sorted({e.predicted for e in pick_fn if e.predicted}
+                            | {e.gold for e in pick_fp})
+        if confusable:
+            lines.append("Confusable labels: " + "; ".join(
+                f"{lab} ({self.descriptions.get(lab, '')})" for lab in confusable) + ".")
         if self.train is not None and self.train.labels is not None and self.n_typical:
             rows = np.flatnonzero(self.train.labels == LABEL_INDEX[target_label])
             if len(rows):
@@ -625,20 +774,36 @@ class LLMProposer(Proposer):
                 for i in pick:
                     lines += self._fields_text(self.train.record(int(i)), task)
                     lines.append("    --")
-        if pick_fn or pick_fp:
-            lines.append("The current classifier makes these mistakes:")
-        for n, e in enumerate(pick_fn + pick_fp, 1):
+        if pick_fn:
+            lines.append(f'Records that SHOULD get "{target_label}" (the classifier missed them):')
+        for n, e in enumerate(pick_fn, 1):
+            lines.append(f"[{n}] true label: {e.gold} | predicted: {e.predicted or '(none)'}")
+            lines += self._fields_text(e.fields, e.task)
+        if pick_fp:
+            lines.append(f'Records that must NOT get "{target_label}" (the classifier wrongly '
+                         "gave it to them):")
+        for n, e in enumerate(pick_fp, len(pick_fn) + 1):
             lines.append(f"[{n}] true label: {e.gold} | predicted: {e.predicted or '(none)'}")
             lines += self._fields_text(e.fields, e.task)
         lines += [
-            f'Write up to {k} rules that recognise "{target_label}" in the records of the '
-            "first kind without matching the others.",
+            f'Write {k} different rules that recognise "{target_label}" and do not match '
+            "records of other labels.",
             'A rule is a JSON object {"label": ..., "conditions": [...], "rationale": ...}; '
             "a record gets the label when ALL conditions hold.",
             'A condition is {"field": F, "op": OP, "value": V} with optional "negate": true.',
             "Fields: " + "; ".join(f"{f} ({FIELD_DESCRIPTIONS[f]})" for f in self.fields) + ".",
-            "Operators: keyword_any / keyword_all (V: list of strings found in the text), "
-            "regex (V: a Python regular expression), eq ne gt ge lt le (image_count; V: number).",
+            "Operators: keyword_any / keyword_all (V: list of distinct short keywords of 2-4 "
+            "characters that occur in such texts, not whole sentences), regex (V: a Python "
+            "regular expression), eq ne gt ge lt le (image_count; V: number)"
+            + ("; semantic (V: one sentence saying what the customer means, then 2-3 "
+               "differently worded example questions, in Chinese; holds when the text "
+               "means the same)." if self.semantic else "."),
+        ]
+        if self.semantic and self.grammar:
+            lines.append('Answer as {"semantic_rule": ..., "keyword_rules": [...]}: one '
+                         f"semantic rule, then up to {k - 1} keyword rules.")
+        lines += [
+            "Each rule must differ from the others; never repeat a keyword.",
             "Answer with one JSON list inside ```json ... ``` and nothing else, for example:",
             "```json",
             json.dumps([{"label": target_label, "conditions": [
@@ -653,18 +818,62 @@ class LLMProposer(Proposer):
              context: Sequence[Rule] = ()) -> Any:
         return self.build_prompt(target_label, errors, k)
 
+    def _schema(self, k: int) -> dict[str, Any] | None:
+        return answer_schema(self.fields, k, semantic=self.semantic) if self.grammar else None
+
+    def _generate(self, prompt: str, k: int) -> tuple[str, dict[str, Any]]:
+        """The answer to ``prompt`` (from the disk cache where present) and its cost."""
+        schema = self._schema(k)
+        # only a generator that says what decides its answers (weights, sampling) is cached:
+        # a bare function could be another model behind the same name
+        identity = getattr(self.generate, "identity", None)
+        path = None
+        if self.answer_cache is not None and identity is not None:
+            key = _answer_key(prompt, identity, schema)
+            path = self.answer_cache / key[:2] / f"{key}.json"
+            if path.exists():
+                rec = json.loads(path.read_text(encoding="utf-8"))
+                self.disk_hits += 1
+                return rec["answer"], {**rec["usage"], "cached": True}
+        t0 = time.perf_counter()
+        answer = self.generate(prompt, json_schema=schema) if schema is not None else \
+            self.generate(prompt)
+        dt = time.perf_counter() - t0
+        self.generator_calls += 1
+        u = getattr(self.generate, "last_usage", None)
+        if u is not None:
+            pt, ct = int(u.prompt_tokens), int(u.completion_tokens)
+        elif self.count_tokens is not None:
+            pt, ct = self.count_tokens(prompt), self.count_tokens(answer)
+        else:
+            pt = ct = None
+        usage = {"prompt_tokens": pt, "generated_tokens": ct, "seconds": round(dt, 3)}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"prompt": prompt, "answer": answer, "usage": usage,
+                                       "identity": identity}, ensure_ascii=False),
+                           encoding="utf-8")
+            os.replace(tmp, path)
+        return answer, {**usage, "cached": False}
+
     def _propose(self, target_label: str, errors: list[ErrorExample], k: int,
                  call: int, context: tuple[Rule, ...] = ()) -> list[Rule]:
         prompt = self.build_prompt(target_label, errors, k)
-        answer = self.generate(prompt)
+        answer, usage = self._generate(prompt, k)
         self.last_prompt, self.last_answer = prompt, answer
         self.prompt_chars += len(prompt)
         self.answer_chars += len(answer)
-        if self.count_tokens is not None:
-            self.tokens = (self.tokens or 0) + self.count_tokens(prompt) + \
-                self.count_tokens(answer)
+        if not usage["cached"]:
+            self.generate_s += usage["seconds"]
+            if usage["prompt_tokens"] is not None:
+                self.prompt_tokens += usage["prompt_tokens"]
+                self.generated_tokens += usage["generated_tokens"]
+                self.tokens = (self.tokens or 0) + usage["prompt_tokens"] + \
+                    usage["generated_tokens"]
         rep = parse_rules(answer, target_label, id_prefix=f"llm{call}", call=call,
                           proposer=self.name)
+        self.last_report = rep
         self.n_valid += rep.n_valid
         self.n_invalid += rep.n_invalid
         for inv in rep.invalid:
@@ -676,12 +885,85 @@ class LLMProposer(Proposer):
         # content ids, so the same rule proposed twice is recognised as such
         rules = []
         for r in rep.rules:
+            r = self.tune_threshold(r)
             rid = rule_id_for(r.task, r.label, r.conditions, prefix="l")
             if all(rid != x.id for x in rules):
                 rules.append(r.replace(id=rid, provenance={**r.provenance, "parsed_id": r.id}))
+        self.log.append({"call": call, "label": target_label, "prompt": prompt,
+                         "answer": answer, "valid": rep.n_valid, "invalid": list(rep.invalid),
+                         "fragments": rep.n_fragments, **usage})
         return _measure(rules[:k], self.engine, "train")
 
+    def tune_threshold(self, rule: Rule) -> Rule:
+        """``rule`` with each semantic condition's cosine threshold chosen on the training
+        fold: the grid value (``thresholds``) with the best F1 of the rule for its label
+        (then precision; on a full tie the stricter threshold); unchanged without a labelled,
+        embeddable fold."""
+        if (self.engine is None or self.train is None or self.train.embed is None
+                or not any(c.op in SEMANTIC_OPS for c in rule.conditions)):
+            return rule
+        y = self.train.labels == LABEL_INDEX[rule.label]
+        conds = list(rule.conditions)
+        for i, c in enumerate(conds):
+            if c.op not in SEMANTIC_OPS or c.threshold is not None:
+                continue
+            best = None
+            for t in sorted(self.thresholds):
+                trial = rule.replace(conditions=tuple(conds[:i] + [c.with_threshold(t)]
+                                                      + conds[i + 1:]))
+                m = self.engine.rule_mask(trial)
+                tp = int((m & y).sum())
+                f1 = 2 * tp / max(int(m.sum()) + int(y.sum()), 1)
+                prec = tp / max(int(m.sum()), 1)
+                if best is None or (f1, prec) >= best[0]:
+                    best = ((f1, prec), t)
+            conds[i] = c.with_threshold(best[1])
+        return rule.replace(conditions=tuple(conds))
+
     def cost(self) -> dict[str, Any]:
-        return {**super().cost(), "prompt_chars": self.prompt_chars,
+        return {**super().cost(), "generator_calls": self.generator_calls,
+                "answer_cache_hits": self.disk_hits, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens,
+                "generate_s": round(self.generate_s, 2), "prompt_chars": self.prompt_chars,
                 "answer_chars": self.answer_chars, "valid_rules": self.n_valid,
                 "invalid_rules": self.n_invalid, "invalid_kinds": dict(self.invalid_kinds)}
+
+    def show_call(self, i: int = -1) -> CallView | None:
+        """One call, displayable: its prompt, raw answer, parsed rules and why the invalid ones
+        were dropped (notebook 02); None before any call."""
+        if not self.log:
+            return None
+        c = self.log[i]
+        rep = parse_rules(c["answer"], c["label"], call=c["call"], proposer=self.name)
+        rows = [("target label", c["label"]),
+                ("cost", f"{c['prompt_tokens']} prompt tokens, {c['generated_tokens']} "
+                         f"generated, {c['seconds']} s" + (" (answer cache)" if c["cached"]
+                                                           else "")),
+                ("prompt", c["prompt"]), ("raw answer", c["answer"])]
+        rows += [(f"parsed rule {j}", r.describe() + (f"  — {r.rationale}" if r.rationale
+                                                       else ""))
+                 for j, r in enumerate(rep.rules)]
+        rows += [(f"dropped rule {d['index']}", f"[{d['kind']}] {d['reason']}")
+                 for d in rep.invalid]
+        if rep.n_fragments:
+            rows.append(("dropped fragments", f"{rep.n_fragments} rule-like text(s) that "
+                                              "did not parse (e.g. cut off at the token limit)"))
+        return CallView(pd.DataFrame(rows, columns=["what", "text"]).set_index("what"))
+
+
+@dataclass(frozen=True)
+class CallView:
+    """One LLM proposer call for display: ``table`` (what -> text), shown in full (a notebook
+    renders each text as preformatted, so prompts and answers are not cut)."""
+
+    table: pd.DataFrame
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left;vertical-align:top'>{html.escape(k)}"
+                       f"</th><td style='text-align:left'><pre style='white-space:pre-wrap'>"
+                       f"{html.escape(str(v))}</pre></td></tr>"
+                       for k, v in self.table["text"].items())
+        return f"<table>{rows}</table>"
+
+    def __str__(self) -> str:
+        return "\n\n".join(f"== {k}\n{v}" for k, v in self.table["text"].items())

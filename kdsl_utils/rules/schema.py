@@ -15,6 +15,10 @@ A condition tests one observable field of a record (``FIELDS``) with one operato
   keyword matches as a case-insensitive substring, on ``image_scene`` as an exact scene label;
 - ``regex``: ``value`` is a pattern (Python ``re``, searched, case-sensitive unless ``(?i)``);
 - ``eq ne gt ge lt le``: numeric comparison of ``image_count`` with a number;
+- ``semantic``: ``value`` is a non-empty list of short texts the small model wrote for the
+  label (a description, paraphrased customer questions); the condition holds where the
+  field's multilingual-e5 embedding has cosine similarity >= ``threshold`` (default
+  ``SEMANTIC_THRESHOLD``) with at least one of them (``engine.Observables.embed``);
 - ``negate: true`` inverts the test.
 
 A record satisfies a rule when it is of the rule's task and satisfies every condition. A rule
@@ -53,14 +57,18 @@ FIELDS: dict[str, str] = {
 }
 KEYWORD_OPS = ("keyword_any", "keyword_all")
 NUMERIC_OPS = ("eq", "ne", "gt", "ge", "lt", "le")
-OPS = KEYWORD_OPS + ("regex",) + NUMERIC_OPS
+# Semantic conditions (issue 15 item 1b): the text is the small model's, the test is meaning.
+SEMANTIC_OPS = ("semantic",)
+#: default cosine threshold of a semantic condition (e5 passage embeddings; the search tunes it)
+SEMANTIC_THRESHOLD = 0.88
+OPS = KEYWORD_OPS + ("regex",) + NUMERIC_OPS + SEMANTIC_OPS
 OPS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "text": KEYWORD_OPS + ("regex",),
+    "text": KEYWORD_OPS + ("regex",) + SEMANTIC_OPS,
     "scene": KEYWORD_OPS + ("regex",),
     "numeric": NUMERIC_OPS,
 }
 OP_SYMBOLS = {"keyword_any": "any", "keyword_all": "all", "regex": "~", "eq": "==", "ne": "!=",
-              "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+              "gt": ">", "ge": ">=", "lt": "<", "le": "<=", "semantic": "≈"}
 
 _CONDITION_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -74,6 +82,7 @@ _CONDITION_SCHEMA: dict[str, Any] = {
             {"type": "array", "items": {"type": "string"}},
         ]},
         "negate": {"type": "boolean"},
+        "threshold": {"type": "number", "minimum": -1, "maximum": 1},  # semantic only
     },
     "additionalProperties": False,
 }
@@ -153,13 +162,24 @@ class Condition:
     op: str
     value: str | float | tuple[str, ...]
     negate: bool = False
+    threshold: float | None = None  # semantic conditions only (None: SEMANTIC_THRESHOLD)
 
     @property
     def key(self) -> tuple:
+        if self.op in SEMANTIC_OPS:
+            return (self.field, self.op, self.value, self.negate, self.cosine_threshold)
         return (self.field, self.op, self.value, self.negate)
 
+    @property
+    def cosine_threshold(self) -> float:
+        return SEMANTIC_THRESHOLD if self.threshold is None else float(self.threshold)
+
     def negated(self) -> Condition:
-        return Condition(self.field, self.op, self.value, not self.negate)
+        return Condition(self.field, self.op, self.value, not self.negate, self.threshold)
+
+    def with_threshold(self, threshold: float) -> Condition:
+        """The same semantic condition at another cosine threshold (the search tunes it)."""
+        return Condition(self.field, self.op, self.value, self.negate, float(threshold))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"field": self.field, "op": self.op,
@@ -167,6 +187,8 @@ class Condition:
                              else self.value}
         if self.negate:
             d["negate"] = True
+        if self.threshold is not None:
+            d["threshold"] = float(self.threshold)
         return d
 
     @classmethod
@@ -178,9 +200,15 @@ class Condition:
             v = float(v)
         elif isinstance(v, int):
             v = float(v)
-        return cls(str(d["field"]), str(d["op"]), v, bool(d.get("negate", False)))
+        thr = d.get("threshold")
+        return cls(str(d["field"]), str(d["op"]), v, bool(d.get("negate", False)),
+                   None if thr is None else float(thr))
 
     def describe(self) -> str:
+        if self.op in SEMANTIC_OPS:  # rendered as the text the model wrote
+            s = (f"{self.field} ≈@{self.cosine_threshold:.2f} "
+                 + " | ".join(f"“{t}”" for t in self.value))
+            return f"NOT {s}" if self.negate else s
         if isinstance(self.value, tuple):
             val = "{" + ", ".join(self.value) + "}"
         elif isinstance(self.value, float) and self.value.is_integer():
@@ -288,6 +316,9 @@ def check_rule(rule: Rule, where: str = "") -> None:
             raise RuleValidationError(rid, "bad_op",
                                       f"{at}: operator {c.op!r} does not apply to {kind} field "
                                       f"{c.field!r}; use one of {OPS_BY_KIND[kind]}", where)
+        if c.threshold is not None and c.op not in SEMANTIC_OPS:
+            raise RuleValidationError(rid, "bad_value",
+                                      f"{at}: only semantic conditions take a threshold", where)
         if c.op in KEYWORD_OPS:
             if (not isinstance(c.value, tuple) or not c.value
                     or not all(isinstance(k, str) and k.strip() for k in c.value)):
@@ -299,6 +330,17 @@ def check_rule(rule: Rule, where: str = "") -> None:
                 if bad:
                     raise RuleValidationError(rid, "bad_value",
                                               f"{at}: {bad!r} are not image-scene labels", where)
+        elif c.op in SEMANTIC_OPS:
+            if (not isinstance(c.value, tuple) or not c.value
+                    or not all(isinstance(k, str) and k.strip() for k in c.value)):
+                raise RuleValidationError(rid, "bad_value",
+                                          f"{at}: needs a non-empty list of non-empty texts "
+                                          f"(a description or paraphrased questions), "
+                                          f"got {c.value!r}", where)
+            if not -1.0 <= c.cosine_threshold <= 1.0:
+                raise RuleValidationError(rid, "bad_value",
+                                          f"{at}: cosine threshold {c.cosine_threshold} is "
+                                          "outside [-1, 1]", where)
         elif c.op == "regex":
             if not isinstance(c.value, str) or not c.value:
                 raise RuleValidationError(rid, "bad_value",
