@@ -6,7 +6,10 @@
 #
 # Targets are files: each notebook's run.json depends on the notebook, the package modules it
 # imports (transitively, computed by `python -m kdsl_utils.deps`), the results of the notebooks
-# it reads and the data, so a second `make reproduce` re-runs only what changed.
+# it reads and the data, so a second `make reproduce` re-runs only what changed. Results live in
+# RESULTS_ROOT/<profile>[-ov<hash>]/<data>/seed<SEED>/ (another SEED or OVERRIDES writes beside,
+# never over); the other result-changing parameters (OVERRIDES too) and the data files' content
+# are in that folder's params.json, rewritten only when they change, on which every run.json depends.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -41,7 +44,15 @@ ifeq ($(origin PROFILE),undefined)
 PROFILE := $(shell if [ -x $(PY) ]; then $(PY) -c "import torch; print('paper' if torch.cuda.is_available() else 'mini')" 2>/dev/null || echo mini; \
   elif nvidia-smi -L >/dev/null 2>&1; then echo paper; else echo mini; fi)
 endif
-DATA_TAG := $(if $(DATA_DIR),$(notdir $(abspath $(DATA_DIR))),synthetic)
+# Paths as users type them (relative, ~, spaces): `userpath` makes one absolute path (symlinks
+# kept, like Python's os.path.abspath); `esc` escapes its spaces where make reads file names.
+userpath = $(shell p='$(1)'; [[ "$$p" == "~" || "$$p" == "~/"* ]] && p="$$HOME$${p:1}"; realpath -m -s -- "$$p")
+space := $(subst ,, )
+esc = $(subst $(space),\$(space),$(1))
+DATA_ABS := $(if $(DATA_DIR),$(call userpath,$(DATA_DIR)),)
+RESULTS_ABS := $(call userpath,$(RESULTS_ROOT))
+PRODUCTS_ABS := $(call userpath,$(PRODUCTS_ROOT))
+DATA_TAG := $(if $(DATA_DIR),$(shell basename -- "$(DATA_ABS)"),synthetic)
 DATA_TAG := $(DATA_TAG)$(if $(filter true,$(SMOKE)),$(if $(DATA_DIR),,-smoke),)
 # Results of a run with overrides go to <profile>-ov<hash of the overrides>/ (validated here,
 # so a misspelt name stops make before any notebook runs). kdsl_utils.config and .deps need
@@ -51,16 +62,26 @@ PROFILE_DIR := $(if $(OVERRIDES),$(shell PYTHONPATH=$(CURDIR) $(CONFIG_PY) -m kd
 ifneq ($(filter INVALID-OVERRIDES,$(PROFILE_DIR)),)
 $(error OVERRIDES='$(OVERRIDES)' rejected (see the message above))
 endif
-RESULTS := $(RESULTS_ROOT)/$(PROFILE_DIR)/$(DATA_TAG)
-PRODUCTS := $(PRODUCTS_ROOT)/$(PROFILE_DIR)/$(DATA_TAG)
+RESULTS := $(RESULTS_ABS)/$(PROFILE_DIR)/$(DATA_TAG)/seed$(SEED)
+# The results folder as make reads file names (spaces escaped; also in $(DEPS_MK)).
+RESULTS_MK := $(call esc,$(RESULTS))
+PRODUCTS := $(PRODUCTS_ABS)/$(PROFILE_DIR)/$(DATA_TAG)/seed$(SEED)
+PARAMS := $(RESULTS)/params.json
 PKG_SRC := $(shell find kdsl_utils -name '*.py' 2>/dev/null)
-DATA_FILES := $(if $(DATA_DIR),$(wildcard $(DATA_DIR)/*.json),)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-8]*.ipynb))))
-NB_PARAMS = -p PROFILE $(PROFILE) -p DATA_DIR "$(if $(DATA_DIR),$(abspath $(DATA_DIR)),)" -p SEED $(SEED) \
-            -p SMOKE $(SMOKE) -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) $(if $(TEST_FILES),-p TEST_FILES '$(TEST_FILES)',) \
+NB_PARAMS = -p PROFILE $(PROFILE) -p DATA_DIR "$(DATA_ABS)" -p SEED $(SEED) \
+            -p SMOKE $(SMOKE) -p RESULTS_DIR "$(RESULTS_ABS)" $(if $(TEST_FILES),-p TEST_FILES '$(TEST_FILES)',) \
             $(if $(OVERRIDES),-p OVERRIDES '$(OVERRIDES)',)
 RUN_ARGS = PROFILE=$(PROFILE) DATA_DIR="$(DATA_DIR)" SEED=$(SEED) TEST_FILES='$(TEST_FILES)' SMOKE=$(SMOKE) \
-           RESULTS_ROOT=$(RESULTS_ROOT) PRODUCTS_ROOT=$(PRODUCTS_ROOT) OVERRIDES='$(OVERRIDES)'
+           RESULTS_ROOT="$(RESULTS_ROOT)" PRODUCTS_ROOT="$(PRODUCTS_ROOT)" OVERRIDES='$(OVERRIDES)'
+# The parameter stamp is refreshed (only if its content changes) whenever notebooks may run
+# (kdsl_utils.stamp is light: no papermill, no models).
+ifneq ($(filter-out help setup test test-unit test-smoke test-realdata lab lint clean figures banner,$(or $(MAKECMDGOALS),help)),)
+  $(shell [ -x $(PY) ] && PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.stamp "$(PARAMS)" $(NB_PARAMS) >&2)
+endif
+
+# A recipe that fails leaves no target behind (a half-written run.json is never trusted).
+.DELETE_ON_ERROR:
 
 .PHONY: help setup reproduce notebooks test test-unit test-smoke test-realdata figures lab lint clean banner small-lm
 
@@ -83,14 +104,17 @@ small-lm: $(STAMP) ## install the CPU small LM: llama.cpp binding + 1.1 GB GGUF 
 	$(PY) -m kdsl_utils.models.small_lm --weights qwen2.5-coder-1.5b
 
 banner:
-	@echo "[kdsl] profile=$(PROFILE) data=$(if $(DATA_DIR),$(abspath $(DATA_DIR)),synthetic (built-in generator)) seed=$(SEED) -> $(RESULTS)"
+	@echo "[kdsl] profile=$(PROFILE) data=$(if $(DATA_DIR),$(DATA_ABS),synthetic (built-in generator)) seed=$(SEED) -> $(RESULTS)"
 
 reproduce: banner $(STAMP) ## run the numbered notebooks in order (results/, products/), then the report
 	@$(MAKE) --no-print-directory notebooks $(RUN_ARGS)
 	@$(MAKE) --no-print-directory figures
 	@echo "[kdsl] done: results in $(RESULTS), rendered notebooks in $(PRODUCTS), figures in figures/"
 
-notebooks: $(foreach nb,$(NOTEBOOKS),$(RESULTS)/$(nb)/run.json $(RESULTS)/$(nb)/results.sha256) ## only the run notebooks whose inputs changed
+notebooks: $(foreach nb,$(NOTEBOOKS),$(RESULTS_MK)/$(nb)/run.json $(RESULTS_MK)/$(nb)/results.sha256) ## only the run notebooks whose inputs changed
+
+$(call esc,$(PARAMS)): | $(STAMP)
+	@PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.stamp "$@" $(NB_PARAMS)
 
 # A notebook's real inputs: the notebook, the package modules it imports (transitively), the
 # results stamp of each notebook whose results it reads (S.upstream(...)), the data and the pins.
@@ -106,11 +130,11 @@ $(DEPS_MK): $(wildcard notebooks/[0-8]*.ipynb) $(PKG_SRC)
 # change (make re-checks its time after the recipe): a redraw alone does not re-run readers.
 NB_RUN ?= $(PY) -m kdsl_utils.notebooks
 define NOTEBOOK_RULE
-$(RESULTS)/$(1)/run.json: notebooks/$(1).ipynb $(DATA_FILES) pyproject.toml | $(STAMP)
-	$(NB_RUN) $(1) --out $(PRODUCTS) $(NB_PARAMS)
-	@test -f $$@ || { echo "[kdsl] notebook $(1) did not write $$@"; exit 1; }
-$(RESULTS)/$(1)/results.sha256: $(RESULTS)/$(1)/run.json
-	@PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.deps --stamp $$(@D)
+$(RESULTS_MK)/$(1)/run.json: notebooks/$(1).ipynb $(call esc,$(PARAMS)) pyproject.toml | $(STAMP)
+	$(NB_RUN) $(1) --out "$(PRODUCTS)" $(NB_PARAMS)
+	@test -f "$$@" || { echo "[kdsl] notebook $(1) did not write $$@"; exit 1; }
+$(RESULTS_MK)/$(1)/results.sha256: $(RESULTS_MK)/$(1)/run.json
+	@PYTHONPATH=$(CURDIR) $(PY) -m kdsl_utils.deps --stamp "$$(@D)"
 endef
 $(foreach nb,$(NOTEBOOKS),$(eval $(call NOTEBOOK_RULE,$(nb))))
 
@@ -135,8 +159,8 @@ lab: $(STAMP) ## JupyterLab on notebooks/ with the project's kernel (LAB_ARGS=--
 	cd notebooks && $(abspath $(VENV))/bin/jupyter lab --port $(LAB_PORT) --ServerApp.root_dir=. $(LAB_ARGS)
 
 figures: $(STAMP) ## regenerate figures and the README results section from results files
-	$(PY) -m kdsl_utils.notebooks 90_report --out $(PRODUCTS_ROOT)/report -p RESULTS_DIR $(abspath $(RESULTS_ROOT)) \
-	  -p FIGURES_DIR $(CURDIR)/figures -p README $(CURDIR)/README.md
+	$(PY) -m kdsl_utils.notebooks 90_report --out "$(PRODUCTS_ABS)/report" -p RESULTS_DIR "$(RESULTS_ABS)" \
+	  -p FIGURES_DIR "$(CURDIR)/figures" -p README "$(CURDIR)/README.md"
 
 lint: $(STAMP) ## ruff over the package and tests
 	$(PY) -m pip install -q ruff==0.17.5 && $(PY) -m ruff check kdsl_utils tests benchmarks

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kdsl_utils.models.memory_plan import (
     analytic_param_counts, build_model, mire_lengths, model_param_counts, plan_table)
-from kdsl_utils.report import to_markdown, write_readme_section
+from kdsl_utils.report import to_markdown, write_marked_block
 
 HERE = Path(__file__).resolve().parent
 MARKERS = ("<!-- memory-plan:start -->", "<!-- memory-plan:end -->")
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         if not readme.is_file() or MARKERS[0] not in readme.read_text(encoding="utf-8"):
             old = readme.read_text(encoding="utf-8") if readme.is_file() else "# Benchmarks\n"
             write_atomic(readme, old.rstrip() + f"\n\n{MARKERS[0]}\n{MARKERS[1]}\n")
-        write_readme_section(readme, readme_section(table, lengths.source), markers=MARKERS)
+        write_marked_block(readme, readme_section(table, lengths.source), MARKERS)
         print(f"updated {readme}")
     return 0
 

@@ -77,7 +77,7 @@ from kdsl_utils.models import memory_plan as mp
 from kdsl_utils.models import sft
 from kdsl_utils.models.qwen_vl import load_model, prepare_for_finetune
 from kdsl_utils.models.scoring import score_candidates
-from kdsl_utils.report import to_markdown, write_readme_section
+from kdsl_utils.report import to_markdown, write_marked_block
 
 HERE = Path(__file__).resolve().parent
 MARKERS = ("<!-- qwen-vl-gpu:start -->", "<!-- qwen-vl-gpu:end -->")
@@ -526,7 +526,7 @@ def update_readme(readme: Path, info: dict) -> None:
     if not readme.is_file() or MARKERS[0] not in readme.read_text(encoding="utf-8"):
         old = readme.read_text(encoding="utf-8") if readme.is_file() else "# Benchmarks\n"
         write_atomic(readme, old.rstrip() + f"\n\n{MARKERS[0]}\n{MARKERS[1]}\n")
-    write_readme_section(readme, render_table(info), markers=MARKERS)
+    write_marked_block(readme, render_table(info), MARKERS)
 
 
 def main(argv=None) -> int:

@@ -114,14 +114,15 @@ def as_rule_set(name: str, res: SearchResult, variant: str) -> RuleSet:
 def coverage_rows(result: RuleResult, y: np.ndarray, model_pred: np.ndarray,
                   **ids: Any) -> list[dict[str, Any]]:
     """Where the rules fire: coverage, records covered, the rules' precision there and the
-    model's precision on the same records (pooled; no precision rows where nothing fires)."""
+    model's precision on the same records (pooled; precisions over the labelled covered
+    records only, gold -1 = unlabelled; no precision rows where none is covered)."""
     cov = result.fired >= 0
     n = int(cov.sum())
-    rp = float((result.label_idx[cov] == y[cov]).mean()) if n else float("nan")
-    mp = float((model_pred[cov] == y[cov]).mean()) if n else float("nan")
+    lab = cov & (y >= 0)
     vals = [("coverage", result.coverage), ("n_covered", n)]
-    if n:  # precisions are undefined where no rule fires (metrics.csv holds no NaN)
-        vals += [("precision_covered", rp), ("model_precision_covered", mp)]
+    if lab.any():  # precisions are undefined where no rule fires (metrics.csv holds no NaN)
+        vals += [("precision_covered", float((result.label_idx[lab] == y[lab]).mean())),
+                 ("model_precision_covered", float((model_pred[lab] == y[lab]).mean()))]
     return [{**ids, "task": "pooled", "metric": m, "value": v} for m, v in vals]
 
 
@@ -186,18 +187,21 @@ def test_rows(rule_sets: Mapping[str, RuleSet], proba: Mapping[str, Mapping[str,
                 preds["strategy:prompt_injection"] = model.predict_proba(injected).pred_idx
         y, tasks = base.gold_idx, base.tasks
         ids = {"experiment": experiment, "seed": seed, "split": split}
-        gold = [ALL_LABELS[i] for i in y]
+        # gold -1: an unlabelled record (a challenge test file): predicted, never scored
+        gold = [ALL_LABELS[i] if i >= 0 else None for i in y]
+        lab = y >= 0
         for variant, pred in preds.items():
             labels = [ALL_LABELS[i] for i in pred]
             rows += metric_rows(gold, labels, tasks, variant=variant, **ids)
             if n_boot:
                 rows += report.ci_rows(gold, labels, tasks, n_boot=n_boot, boot_seed=seed,
                                        variant=variant, **ids)
-        if n_boot:
+        if n_boot and lab.any():
             for name, rs in rule_sets.items():
                 for v in kdsl_variants(name, primary):
-                    rows += report.gain_rows(y, preds[v], p_split[rs.variant].pred_idx, tasks,
-                                             n_boot=n_boot, boot_seed=seed, variant=v, **ids)
+                    rows += report.gain_rows(y[lab], preds[v][lab], p_split[rs.variant].pred_idx[lab],
+                                             np.asarray(tasks)[lab], n_boot=n_boot, boot_seed=seed,
+                                             variant=v, **ids)
         for name, res in results.items():  # "<set>:found" = the rules before the gate
             rows += coverage_rows(res, y, p_split[rule_sets[name.split(":")[0]].variant].pred_idx,
                                   variant=f"rules[{name}]", **ids)

@@ -31,6 +31,7 @@ from .data.splits import stratified_split
 from .features import FeatureCache, default_cache_dir, ocr_images, ocr_text
 from .models.base import FitLog, Predictions
 from .models.registry import make_backend
+from .results import atomic_path
 from .rules.engine import Observables, build_observables, concat_observables
 from .rules.mcts import EvalSet, SearchResult, mcts_search, top_n_rules
 from .rules.propose import DataProposer, LLMProposer, Proposer
@@ -76,8 +77,9 @@ def load_probas(up: Path, splits: Sequence[str], variant: str = "kdsl") -> dict[
 
 def save_proba(path: Path | str, preds: Predictions) -> None:
     gold = np.array(["" if g is None else g for g in preds.gold])  # "" marks an unlabelled record
-    np.savez_compressed(path, ids=np.array(preds.ids), tasks=np.array(preds.tasks),
-                        proba=preds.proba.astype(np.float32), gold=gold)
+    with atomic_path(path) as tmp:  # the target name ends in .npz, so numpy keeps tmp's name
+        np.savez_compressed(tmp, ids=np.array(preds.ids), tasks=np.array(preds.tasks),
+                            proba=preds.proba.astype(np.float32), gold=gold)
 
 
 def load_proba(path: Path | str) -> Predictions:

@@ -88,6 +88,15 @@ def weighted_f1_idx(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int = len(
     return _weighted(*_per_class(y_true, y_pred, n_labels + 1))
 
 
+def labelled_only(y_true: Sequence[str | None], y_pred: Sequence[str],
+                  tasks: Sequence[str] | None = None) -> tuple[list[str], list[str], list[str] | None]:
+    """The records that have a gold label (None or NaN marks an unlabelled one, e.g. a
+    challenge test file): an unlabelled record is predicted, never scored."""
+    keep = [i for i, y in enumerate(y_true) if y is not None and not (isinstance(y, float) and y != y)]
+    return ([y_true[i] for i in keep], [y_pred[i] for i in keep],
+            None if tasks is None else [tasks[i] for i in keep])
+
+
 def _tasks_of(y_true: Sequence[str], tasks: Sequence[str] | None) -> list[str]:
     if tasks is None:
         return [LABEL_TO_TASK[y] for y in y_true]
@@ -146,8 +155,12 @@ def bootstrap_ci(
 
     Rows: ``metric, value, lo, hi, n_boot`` for ``weighted_f1`` (pooled) and each task's
     ``{task}_weighted_f1`` / ``{task}_macro_f1``. Resampling is over records (stratified by
-    nothing, as the test file itself), seeded.
+    nothing, as the test file itself), seeded. Unlabelled records are left out; none
+    labelled: an empty frame.
     """
+    y_true, y_pred, tasks = labelled_only(y_true, y_pred, tasks)
+    if not y_true:
+        return pd.DataFrame(columns=["metric", "value", "lo", "hi", "n_boot"])
     tasks = _tasks_of(y_true, tasks)
     t, p, labels = _encode(y_true, y_pred)
     n, L = len(t), len(labels)
@@ -180,7 +193,11 @@ def metric_rows(
     y_true: Sequence[str], y_pred: Sequence[str], tasks: Sequence[str] | None = None, **ids: Any
 ) -> list[dict[str, Any]]:
     """Tidy rows (``metrics.csv`` schema: ``experiment, variant, seed, split, task, metric,
-    value``) for :func:`evaluate`'s numbers; ``ids`` fill the identifying columns."""
+    value``) for :func:`evaluate`'s numbers; ``ids`` fill the identifying columns.
+    Unlabelled records (gold None) are left out; a split with no label gives no rows."""
+    y_true, y_pred, tasks = labelled_only(y_true, y_pred, tasks)
+    if not y_true:
+        return []
     ev = evaluate(y_true, y_pred, tasks)
     rows = []
     for key, value in ev.items():

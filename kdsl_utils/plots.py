@@ -20,7 +20,7 @@ from matplotlib import font_manager  # noqa: E402
 
 from . import fonts  # noqa: E402
 from .data.images import load_rgb  # noqa: E402
-from .results import read_metrics  # noqa: E402
+from .results import atomic_path, read_metrics, read_table  # noqa: E402
 
 
 def setup_matplotlib_cjk() -> str:
@@ -100,7 +100,8 @@ def gallery(items: Sequence[tuple[Path, str]], ncols: int = 4, title: str = "") 
 def save(fig: plt.Figure, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -174,18 +175,19 @@ def search_curve(iterations: pd.DataFrame, title: str = "") -> plt.Figure:
 
 
 def report_figures(paths: Mapping[str, Path], fig_dir: Path | str, label: str) -> list[Path]:
-    """Notebook 90's figures of one (profile, data) group, from its results files only:
-    seesaw and interference (01), search curve (02). ``paths``: experiment -> results folder."""
+    """Notebook 90's figures of one (profile, data, seed) group, from its results files only
+    (each validated; a bad one is named): seesaw and interference (01), search curve (02).
+    ``paths``: experiment -> results folder."""
     fig_dir = Path(fig_dir)
     made = []
     if "01_seesaw" in paths:
         m01 = read_metrics(Path(paths["01_seesaw"]) / "metrics.csv")
         made.append(save(seesaw(m01, title=f"Seesaw ({label})"), fig_dir / "seesaw.png"))
-        inter = pd.read_csv(Path(paths["01_seesaw"]) / "interference.csv")
+        inter = read_table(Path(paths["01_seesaw"]) / "interference.csv", ["layer"])
         made.append(save(interference(inter, title=f"Interference ({label})"),
                          fig_dir / "interference.png"))
     if "02_mcts_rules" in paths:
-        it = pd.read_csv(Path(paths["02_mcts_rules"]) / "iterations.csv")
+        it = read_table(Path(paths["02_mcts_rules"]) / "iterations.csv", ["best_reward"])
         made.append(save(search_curve(it, title=f"MCTS ({label})"), fig_dir / "search_curve.png"))
     return made
 

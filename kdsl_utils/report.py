@@ -9,8 +9,9 @@ does not depend on the plotting stack.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pandas as pd
 
 from .data.labels import TASKS
 from .metrics import bootstrap_ci, weighted_f1_idx
-from .results import read_metrics
+from .results import ResultsFileError, atomic_write, read_metrics, read_run_json
 
 #: Display names and order of the results table's rows (variant → name). Variants of
 #: notebook 01 carry the prefix ``01:``.
@@ -46,6 +47,10 @@ ROWS = {
 }
 PAPER_GAINS = {"test1": 6.37, "test2": 6.28}  # the paper's online weighted-F1 gains (points)
 _MARK = ("<!-- results:start -->", "<!-- results:end -->")
+#: Each run's subsection inside the results section: ``<!-- results:KEY -->`` ...
+#: ``<!-- /results:KEY -->``, KEY = ``profile/data/seed<N>`` (:func:`section_key`).
+_SUB = re.compile(r"<!-- results:(?P<key>[^\n]+?) -->\n(?P<body>.*?)\n<!-- /results:(?P=key) -->", re.DOTALL)
+_LEGACY = re.compile(r"^### profile=(?P<profile>[^,\n]+), data=(?P<data>[^,\n]+)$", re.MULTILINE)
 
 
 def ci_rows(y_true: Sequence[str], y_pred: Sequence[str], tasks: Sequence[str], *,
@@ -167,34 +172,99 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_readme_section(readme: Path | str, body: str,
-                         markers: tuple[str, str] = _MARK) -> bool:
-    """Replace the text between the results markers (or ``markers``) of ``readme``; True if
-    it changed."""
-    path = Path(readme)
-    text = path.read_text(encoding="utf-8")
+def section_key(profile: str, data: str, seed: int) -> str:
+    """The README subsection key of the runs of one profile, data and seed."""
+    return f"{profile}/{data}/seed{seed}"
+
+
+def _existing_sections(block: str) -> dict[str, str]:
+    """Subsections of a results block by key. A block written before subsection markers
+    existed is split at its ``### profile=P, data=D`` headings into keys ``P/D`` (that layout
+    held one seed per profile and data)."""
+    found = {m.group("key"): m.group("body").strip() for m in _SUB.finditer(block)}
+    if found:
+        return found
+    heads = list(_LEGACY.finditer(block))
+    for k, m in enumerate(heads):
+        stop = heads[k + 1].start() if k + 1 < len(heads) else len(block)
+        found[f"{m.group('profile')}/{m.group('data')}"] = block[m.start():stop].strip()
+    return found
+
+
+def _block_span(path: Path, text: str, markers: tuple[str, str]) -> tuple[int, int]:
+    """Start and end offsets of the text between ``markers``, which must each occur once."""
     start, end = markers
-    if start not in text or end not in text:
-        raise ValueError(f"{path}: results markers {start} / {end} not found")
-    new = re.sub(re.escape(start) + r".*?" + re.escape(end),
-                 lambda _: f"{start}\n{body.strip()}\n{end}", text, flags=re.DOTALL)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path}: expected one block between {start} and {end}")
+    return text.index(start) + len(start), text.index(end)
+
+
+def write_marked_block(path: Path | str, body: str, markers: tuple[str, str] = _MARK) -> bool:
+    """Replace the text between ``markers`` (each once in the file) of a markdown file with
+    ``body`` (the benchmarks' README tables; the results section through
+    :func:`write_readme_section`). Written atomically; True if it changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    i, j = _block_span(path, text, markers)
+    new = text[:i] + "\n" + body.strip() + "\n" + text[j:]
     if new != text:
-        path.write_text(new, encoding="utf-8")
+        atomic_write(path, new)
     return new != text
 
 
+def write_readme_section(readme: Path | str, header: str, sections: Mapping[str, str]) -> bool:
+    """Rewrite the results section of ``readme`` between its markers: ``header`` first, then
+    one subsection per key (:func:`section_key`), sorted. ``sections`` are the runs this
+    report saw; the README's other subsections are kept as they were, so a report over a
+    results root that lacks some runs (a smoke run, another machine) never drops them. A kept
+    subsection is replaced when ``sections`` has its key or a key below it (``P/D`` by
+    ``P/D/seed0``). Written atomically; True if the file changed."""
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    i, j = _block_span(path, text, _MARK)
+    merged = {k: v for k, v in _existing_sections(text[i:j]).items()
+              if not any(n == k or n.startswith(k + "/") for n in sections)}
+    merged.update({k: v.strip() for k, v in sections.items()})
+    parts = [header.strip(), ""]
+    for key in sorted(merged):
+        parts += [f"<!-- results:{key} -->", merged[key], f"<!-- /results:{key} -->", ""]
+    if not merged:
+        parts += ["No finished runs found.", ""]
+    return write_marked_block(path, "\n".join(parts), _MARK)
+
+
 def find_runs(results_root: Path | str, include_smoke: bool = False) -> pd.DataFrame:
-    """Every finished run under ``results_root``: profile, data, experiment, path (a run is
-    finished when its ``run.json`` exists)."""
+    """Every finished run under ``results_root`` (``profile/data/seed<N>/experiment/``):
+    profile, data, seed, experiment, path. A run is finished when its ``run.json`` is a valid
+    one (:func:`~kdsl_utils.results.read_run_json`); a torn or foreign ``run.json``, or one in
+    the old layout without a seed folder, is not taken for a finished run: it is named in a
+    warning and listed in ``attrs["invalid"]``."""
     root = Path(results_root)
-    rows = []
-    for rj in sorted(root.glob("*/*/*/run.json")):
+    rows, invalid = [], []
+    for rj in sorted(root.glob("*/*/*/*/run.json")):
         exp_dir = rj.parent
-        data, profile = exp_dir.parent.name, exp_dir.parent.parent.name
+        seed_dir = exp_dir.parent
+        data, profile = seed_dir.parent.name, seed_dir.parent.parent.name
         if data.endswith("-smoke") and not include_smoke:
             continue
-        rows.append({"profile": profile, "data": data, "experiment": exp_dir.name, "path": exp_dir})
-    return pd.DataFrame(rows, columns=["profile", "data", "experiment", "path"])
+        m = re.fullmatch(r"seed(-?\d+)", seed_dir.name)
+        if m is None:
+            continue
+        try:
+            read_run_json(rj)
+        except ResultsFileError as e:
+            invalid.append(str(e))
+            continue
+        rows.append({"profile": profile, "data": data, "seed": int(m.group(1)),
+                     "experiment": exp_dir.name, "path": exp_dir})
+    invalid += [f"{rj}: old results layout (no seed<N> folder); re-run to report it"
+                for rj in sorted(root.glob("*/*/*/run.json"))
+                if include_smoke or not rj.parent.parent.name.endswith("-smoke")]
+    if invalid:
+        warnings.warn("results not reported:\n  " + "\n  ".join(invalid), stacklevel=2)
+    out = pd.DataFrame(rows, columns=["profile", "data", "seed", "experiment", "path"])
+    out.attrs["invalid"] = invalid
+    return out
 
 
 def seesaw_gain(metrics01: pd.DataFrame) -> pd.DataFrame:
@@ -214,7 +284,7 @@ def time_table(paths: dict[str, Path]) -> pd.DataFrame:
     its results folder."""
     rows = []
     for exp, path in sorted(paths.items()):
-        run = json.loads((Path(path) / "run.json").read_text(encoding="utf-8"))
+        run = read_run_json(Path(path) / "run.json")
         fx = run.get("feature_extraction", {})
         f_s = sum(v["seconds"] for v in fx.values())
         wall = float(run.get("wall_time_s", float("nan")))
@@ -227,9 +297,17 @@ def time_table(paths: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def commits_line(paths: dict[str, Path]) -> str:
+    """The git commit(s) the runs in ``paths`` record in their ``run.json`` (what produced
+    the numbers, which may be older than the report)."""
+    full = {str(read_run_json(Path(p) / "run.json").get("git_commit", "unknown")) for p in paths.values()}
+    commits = sorted(c.split("-")[0][:12] + ("-dirty" if c.endswith("-dirty") else "") for c in full)
+    return ", ".join(f"`{c}`" for c in commits)
+
+
 def machine_line(paths: dict[str, Path]) -> str:
     """The machine the runs in ``paths`` report in their ``run.json`` (the first one's)."""
-    run = json.loads((Path(next(iter(paths.values()))) / "run.json").read_text(encoding="utf-8"))
+    run = read_run_json(Path(next(iter(paths.values()))) / "run.json")
     dev = run.get("device", {})
     return (f"{dev.get('platform', '?')}, {dev.get('torch_threads', '?')} torch threads, "
             f"CUDA {'yes' if dev.get('cuda') else 'no'}")
@@ -238,26 +316,34 @@ def machine_line(paths: dict[str, Path]) -> str:
 #: Draws a run group's figures: (experiment -> results folder, figure folder, label) -> files.
 DrawFn = Callable[[Mapping[str, Path], Path, str], list[Path]]
 
+#: The text above the subsections of the README's results section. It names no commit:
+#: each subsection names the commit of its own runs (kept subsections may be older).
+README_HEADER = ("Generated by `notebooks/90_report.ipynb` from the results files; every number names "
+                 "the profile, data and seed that produced it, each subsection the commit of its runs. "
+                 "`synthetic` = the built-in generator; other data names are the MIRE directory used. "
+                 "Subsections of runs this report did not see are kept as they were.")
 
-def run_label(profile_dir: str, data: str, paths: Mapping[str, Path]) -> str:
-    """``profile=..., data=...`` of a group of runs, plus the overrides its run.json records
-    (a folder ``<profile>-ov<hash>`` holds a run with overrides)."""
-    label = f"profile={profile_dir}, data={data}"
+
+def run_label(profile_dir: str, data: str, seed: int, paths: Mapping[str, Path]) -> str:
+    """``profile=..., data=..., seed=...`` of a group of runs, plus the overrides its
+    (validated) run.json records (a folder ``<profile>-ov<hash>`` holds a run with overrides)."""
+    label = f"profile={profile_dir}, data={data}, seed={seed}"
     overrides = {}
     for path in paths.values():
-        run = json.loads((Path(path) / "run.json").read_text(encoding="utf-8"))
-        overrides = run.get("overrides") or overrides
+        overrides = read_run_json(Path(path) / "run.json").get("overrides") or overrides
     return label + (f" (overrides {json.dumps(overrides, ensure_ascii=False)})" if overrides else "")
 
 
 def readme_section(label: str, paths: Mapping[str, Path], fig_dir: Path | str,
                    readme_dir: Path | str) -> str:
-    """The README markdown of one (profile, data) group: the seesaw table and figure (01),
-    the results table and the gain beside the paper's (03), the run-time table. Writes
-    ``results_table.csv`` and ``run_times.csv`` into ``fig_dir`` (next to the figures)."""
+    """The README markdown of one (profile, data, seed) group: the commit of its runs, the
+    seesaw table and figure (01), the results table and the gain beside the paper's (03),
+    the run-time table. Every file read is validated (a bad one raises
+    :class:`~kdsl_utils.results.ResultsFileError` naming it). Writes ``results_table.csv``
+    and ``run_times.csv`` into ``fig_dir`` (next to the figures)."""
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    md = [f"### {label}", ""]
+    md = [f"### {label}", "", f"Runs of commit {commits_line(dict(paths))}.", ""]
     if "01_seesaw" in paths:
         gain = seesaw_gain(read_metrics(Path(paths["01_seesaw"]) / "metrics.csv"))
         md += ["**Seesaw** (notebook 01): weighted F1 of single-task vs joint fine-tuning.", "",
@@ -290,23 +376,17 @@ def readme_section(label: str, paths: Mapping[str, Path], fig_dir: Path | str,
 
 
 def report_sections(runs: pd.DataFrame, figures_dir: Path | str, readme: Path | str | None,
-                    draw: DrawFn) -> tuple[list[str], list[Path]]:
-    """Every (profile, data) group of :func:`find_runs`: its figures drawn by ``draw`` into
-    ``figures_dir/<profile>/<data>/`` and its README section. Returns (sections, figures)."""
-    sections, made = [], []
+                    draw: DrawFn) -> tuple[dict[str, str], list[Path]]:
+    """Every (profile, data, seed) group of :func:`find_runs` (only valid runs): its figures
+    drawn by ``draw`` into ``figures_dir/<profile>/<data>/seed<N>/`` and its README
+    subsection. Returns (subsection by :func:`section_key`, for
+    :func:`write_readme_section`; figure files)."""
+    sections, made = {}, []
     readme_dir = Path(readme).parent if readme else Path(".")
-    for (profile, data), g in runs.groupby(["profile", "data"], sort=True):
+    for (profile, data, seed), g in runs.groupby(["profile", "data", "seed"], sort=True):
         paths = dict(zip(g.experiment, g.path))
-        fig_dir = Path(figures_dir) / profile / data
-        label = run_label(profile, data, paths)
+        fig_dir = Path(figures_dir) / profile / data / f"seed{seed}"
+        label = run_label(profile, data, seed, paths)
         made += draw(paths, fig_dir, label)
-        sections.append(readme_section(label, paths, fig_dir, readme_dir))
+        sections[section_key(profile, data, seed)] = readme_section(label, paths, fig_dir, readme_dir)
     return sections, made
-
-
-def readme_body(sections: Sequence[str], commit: str) -> str:
-    """The text between the README's results markers."""
-    return ("Generated by `notebooks/90_report.ipynb` from the results files (commit "
-            f"`{commit[:12]}`); every number names the profile and data that produced it. "
-            "`synthetic` = the built-in generator; other data names are the MIRE directory used.\n\n"
-            + ("\n\n".join(sections) if sections else "No finished runs found."))

@@ -32,7 +32,7 @@ name, rest = sys.argv[1], sys.argv[2:]
 p = {rest[i + 1]: rest[i + 2] for i in range(len(rest) - 2) if rest[i] == "-p"}
 from kdsl_utils.config import parse_overrides, results_profile
 prof = results_profile(p["PROFILE"], parse_overrides(p.get("OVERRIDES", "")))
-out = Path(p["RESULTS_DIR"]) / prof / "synthetic-smoke" / name
+out = Path(p["RESULTS_DIR"]) / prof / "synthetic-smoke" / f"seed{p['SEED']}" / name
 out.mkdir(parents=True, exist_ok=True)
 changed = name in os.environ.get("FAKE_NEW_RESULTS", "").split(",")
 (out / "metrics.csv").write_text("value\n" + ("2" if changed else "1") + "\n")

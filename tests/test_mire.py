@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import image_record, intent_record, make_mire, write_image
@@ -201,3 +202,88 @@ def test_real_mire_counts(real_mire):
 
 def test_write_image_helper_roundtrip(tmp_path):
     assert Image.open(write_image(tmp_path / "x.png")).size == (64, 96)
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "symlinked_dir"])
+def test_image_outside_images_dir_is_rejected(tmp_path, how):
+    # A valid image outside images/ must not be read: the error names file, record and target.
+    outside = write_image(tmp_path / "secret" / "outside.jpg")
+    rec = image_record("bad-1")
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    if how == "dotdot":
+        rec["image"] = ["../../secret/outside.jpg"]
+    elif how == "absolute":
+        rec["image"] = [str(outside)]
+    elif how == "symlink":
+        (root / "images" / "link.jpg").symlink_to(outside)
+        rec["image"] = ["link.jpg"]
+    else:
+        (root / "images" / "sub").symlink_to(outside.parent, target_is_directory=True)
+        rec["image"] = ["sub/outside.jpg"]
+    (root / "train.json").write_text(json.dumps([image_record("good-1"), rec]), encoding="utf-8")
+    with pytest.raises(MireValidationError) as e:
+        load_split(root / "train.json")
+    msg = str(e.value)
+    assert "train.json" in msg and "bad-1" in msg and "image_outside_data" in msg
+    assert str(outside.resolve()) in msg
+    kinds, report = _problem_kinds(root)
+    assert kinds == ["image_outside_data"] and report.n_kept == 1
+
+
+def test_symlink_inside_images_dir_is_fine(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    (root / "images" / "alias.jpg").symlink_to(root / "images" / "good-1-0.jpg")
+    rec = image_record("ok-2")
+    rec["image"] = ["alias.jpg"]
+    (root / "train.json").write_text(json.dumps([image_record("good-1"), rec]), encoding="utf-8")
+    assert len(load_split(root / "train.json")[0]) == 2
+
+
+def test_missing_images_folder_is_named(tmp_path):
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    shutil.rmtree(root / "images")
+    with pytest.raises(MireError, match=r"images folder .*d/images does not exist"):
+        load_split(root / "train.json")
+    with pytest.raises(MireError, match="images folder"):
+        load_mire(root)
+
+
+def test_leakage_is_reported(tmp_path):
+    train = [image_record("a-1"), image_record("b-1")]
+    clean = make_mire(tmp_path / "clean", train, {"test1": [image_record("c-1")]})
+    for k, name in enumerate(["a-1", "b-1", "c-1"]):  # make_mire draws identical images
+        write_image(clean / "images" / f"{name}-0.jpg", color=(k, 50, 50))
+    data = load_mire(clean)
+    assert data.leaks == [] and "test1 vs train: 0 record id(s) and 0" in data.leakage_summary()
+    root = make_mire(tmp_path / "d", train, {"test1": [image_record("a-1"), image_record("c-1"),
+                                                       image_record("d-1")]})
+    for k, name in enumerate(["a-1", "b-1", "d-1"]):
+        write_image(root / "images" / f"{name}-0.jpg", color=(k, 50, 50))
+    shutil.copy(root / "images" / "b-1-0.jpg", root / "images" / "c-1-0.jpg")  # same bytes, new name
+    with pytest.warns(UserWarning, match="leakage"):
+        data = load_mire(root)
+    assert [(p.record_id, p.kind) for p in data.leaks] == [("a-1", "id_in_train"), ("a-1", "image_in_train"),
+                                                          ("c-1", "image_in_train")]
+    assert "b-1-0.jpg" in data.leaks[2].message and "b-1" in data.leaks[2].message
+    assert "test1 vs train: 1 record id(s) and 2 record(s)" in data.leakage_summary()
+
+
+@pytest.mark.parametrize("name", ["a\x00.jpg", "a" * 5000 + ".jpg", "loop.jpg"])
+def test_unusable_image_names_are_problems_not_crashes(tmp_path, name):
+    root = make_mire(tmp_path / "d", [image_record("good-1")])
+    (root / "images" / "loop.jpg").symlink_to("loop.jpg")
+    rec = image_record("bad-1")
+    rec["image"] = [name]
+    (root / "train.json").write_text(json.dumps([image_record("good-1"), rec]), encoding="utf-8")
+    kinds, report = _problem_kinds(root)
+    assert kinds == ["bad_image_name"] and report.problems[0].record_id == "bad-1"
+
+
+def test_unlabelled_train_record_is_a_problem(tmp_path):
+    # An empty output is an unlabelled *test* record; in train it is a missing label.
+    root = make_mire(tmp_path / "d", [image_record("good-1"), image_record("bad-1", label="")],
+                     {"test1": [image_record("t-1", label="")]})
+    with pytest.raises(MireValidationError, match=r"train.json: record 'bad-1' \[missing_label\]"):
+        load_mire(root)
+    data = load_mire(root, strict=False)
+    assert [r.id for r in data.train] == ["good-1"] and data.tests["test1"][0].label is None

@@ -37,9 +37,9 @@ def test_every_notebook_in_order(tmp_path):
         except Exception as e:  # papermill's error carries the failing cell
             pytest.fail(f"notebook {name} failed:\n{e}")
         if not name.startswith("9"):
-            assert (results / "tiny" / "synthetic-smoke" / name / "run.json").is_file(), name
+            assert (results / "tiny" / "synthetic-smoke" / "seed0" / name / "run.json").is_file(), name
     text = readme.read_text(encoding="utf-8")
-    assert "profile=tiny, data=synthetic-smoke" in text and "**Results**" in text
+    assert "profile=tiny, data=synthetic-smoke, seed=0" in text and "**Results**" in text
 
 
 @pytest.mark.smoke
@@ -52,7 +52,7 @@ def test_overrides_reach_the_config_and_the_results_path(tmp_path):
     run_notebook("00_data", tmp_path / "products", params, html=False)
     prof = results_profile("tiny", {"dev_fraction": 0.3})
     assert prof.startswith("tiny-ov")
-    run = json.loads((results / prof / "synthetic-smoke" / "00_data" / "run.json").read_text())
+    run = json.loads((results / prof / "synthetic-smoke" / "seed0" / "00_data" / "run.json").read_text())
     assert run["overrides"] == {"dev_fraction": 0.3} and run["config"]["dev_fraction"] == 0.3
     with pytest.raises(Exception, match="dev_fractoin.*did you mean 'dev_fraction'"):
         run_notebook("00_data", tmp_path / "products", {**params, "OVERRIDES": {"dev_fractoin": 0.3}},

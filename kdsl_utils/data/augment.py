@@ -33,6 +33,7 @@ from .images import load_rgb
 from .labels import INTENT_TASK
 from .prompts import intent_instruction
 from .records import AGENT, USER, Record
+from ..results import atomic_path
 
 
 def _rng(seed: int, record_id: str, k: int) -> random.Random:
@@ -58,8 +59,9 @@ def resize_copies(records: Sequence[Record], out_dir: Path | str, *, copies: int
                 if not target.exists():
                     im = load_rgb(p)  # the one decoder: upright, 8-bit RGB, alpha on white
                     w, h = im.size
-                    im.resize((max(8, round(w * f)), max(8, round(h * f))),
-                              Image.Resampling.BICUBIC).save(target)
+                    with atomic_path(target) as tmp:  # a killed run leaves no torn copy to reuse
+                        im.resize((max(8, round(w * f)), max(8, round(h * f))),
+                                  Image.Resampling.BICUBIC).save(tmp)
                 new_paths.append(target)
             out.append(dataclasses.replace(r, id=f"{r.id}#aug{k}", images=tuple(new_paths)))
     return out

@@ -11,7 +11,11 @@ every record into a :class:`~kdsl_utils.data.records.Record` and checks, per rec
   bracket width gets its own problem class, ``wrong_bracket_width``;
 * ``<image>`` placeholders equal ``len(image)``; image records have at least one image;
 * the dialogue parses into turns (roles 用户/客服) and has at least one customer turn;
-* every image exists, is not a decompression bomb, and decodes.
+* every image name resolves inside the data directory's ``images/`` (no ``..``, absolute
+  path or symlink leading out of it), exists, is not a decompression bomb, and decodes.
+
+A missing ``images/`` folder is an error naming the folder. :func:`load_mire` also reports
+leakage between train and the test splits (same record id, same image file content).
 
 ``strict=True`` (the default) raises :class:`MireValidationError` listing every problem
 with its file and record id; ``strict=False`` skips the bad records and reports them in a
@@ -20,6 +24,7 @@ with its file and record id; ``strict=False`` skips the bad records and reports 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
@@ -64,6 +69,19 @@ class MireData:
     train: list[Record]
     tests: dict[str, list[Record]] = field(default_factory=dict)
     reports: dict[str, LoadReport] = field(default_factory=dict)
+    #: train/test leakage found on load (kinds ``id_in_train``, ``image_in_train``).
+    leaks: list[Problem] = field(default_factory=list)
+
+    def leakage_summary(self) -> str:
+        """One line per test split: record ids and image files it shares with train."""
+        lines = []
+        for split in self.tests:
+            ids = sum(p.kind == "id_in_train" for p in self.leaks if p.file == f"{split}.json")
+            imgs = sum(p.kind == "image_in_train" for p in self.leaks if p.file == f"{split}.json")
+            lines.append(f"leakage {split} vs train: {ids} record id(s) and {imgs} record(s) with an "
+                         f"image file identical (same bytes) to a train image"
+                         + ("" if ids + imgs else " — none"))
+        return "\n".join(lines)
 
     @property
     def splits(self) -> dict[str, list[Record]]:
@@ -196,12 +214,24 @@ def _validate(raw: object, source: str, images_dir: Path, seen: set[str],
             return bad("empty_dialogue", "dialogue has no customer (用户) turn")
 
     paths = tuple(images_dir / name for name in images)
-    for p in paths:
+    for name, p in zip(images, paths):
+        # Data stays in its directory: '..', absolute names and symlinks must not lead out of
+        # images/ (a valid image elsewhere on the machine would otherwise be read silently).
+        try:
+            resolved = p.resolve()
+            p.stat()
+        except FileNotFoundError:
+            pass  # reported as missing below, once the name is known to stay inside
+        except (OSError, ValueError, RuntimeError) as e:  # NUL byte, name too long, symlink loop
+            return bad("bad_image_name", f"image {name[:80]!r}: unusable file name ({type(e).__name__}: {e})"[:300])
+        if not resolved.is_relative_to(images_dir):
+            return bad("image_outside_data", f"image {name!r} resolves to {resolved}, outside "
+                       f"the data directory's images folder {images_dir}")
         problem = check_image(p, decode=decode_images)
         if problem:
             kind = ("missing_image" if problem == "missing" else
                     "decompression_bomb" if problem.startswith("decompression") else "corrupt_image")
-            return bad(kind, f"image {p.name}: {problem}")
+            return bad(kind, f"image {name!r} ({p}): {problem}")
     rec = Record(id=rid, task=task, instruction=instruction, label=label, images=paths,
                  candidates=candidates, turns=turns, source=source, input=raw["input"])
     return rec, []
@@ -224,15 +254,23 @@ def read_json_list(path: Path) -> list:
 
 
 def load_split(path: Path | str, images_dir: Path | str | None = None, *, strict: bool = True,
-               decode_images: bool = True) -> tuple[list[Record], LoadReport]:
+               decode_images: bool = True, require_labels: bool = False) -> tuple[list[Record], LoadReport]:
     """Parse and validate one MIRE json file; images are looked up in ``images_dir``
-    (default: ``images/`` beside the file)."""
+    (default: ``images/`` beside the file). ``require_labels`` (train): a record with an
+    empty ``output`` is a problem (``missing_label``), not an unlabelled record."""
     path = Path(path)
     images_dir = Path(images_dir) if images_dir is not None else path.parent / "images"
     raw = read_json_list(path)
+    if not images_dir.is_dir() and any(isinstance(r, dict) and r.get("image") for r in raw):
+        raise MireError(f"{path}: its records name images, but the images folder {images_dir} "
+                        f"{'is not a folder' if images_dir.exists() else 'does not exist'} "
+                        "(a MIRE directory holds train.json, test*.json and images/)")
     report, records, seen = LoadReport(n_read=len(raw)), [], set()
     for item in raw:
         rec, problems = _validate(item, path.name, images_dir.resolve(), seen, decode_images)
+        if rec is not None and rec.label is None and require_labels:
+            rec, problems = None, [Problem(path.name, rec.id, "missing_label",
+                                           "empty 'output': a training record needs its label")]
         report.problems += problems
         if rec is not None:
             records.append(rec)
@@ -242,9 +280,58 @@ def load_split(path: Path | str, images_dir: Path | str | None = None, *, strict
     return records, report
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_leakage(train: Sequence[Record], tests: dict[str, Sequence[Record]]) -> list[Problem]:
+    """Test records that share a record id, or an image file's content (sha256 of its bytes),
+    with a train record: a score on them measures memory, not generalisation."""
+    digests: dict[Path, str] = {}
+
+    def digest(p: Path) -> str:
+        if p not in digests:
+            digests[p] = _file_digest(p)
+        return digests[p]
+
+    train_ids = {r.id for r in train}
+    train_imgs = {digest(p): (r.id, p.name) for r in train for p in r.images}
+    out = []
+    for split, recs in tests.items():
+        for r in recs:
+            if r.id in train_ids:
+                out.append(Problem(f"{split}.json", r.id, "id_in_train",
+                                   "record id also occurs in train.json"))
+            for p in r.images:
+                hit = train_imgs.get(digest(p))
+                if hit is not None:
+                    out.append(Problem(f"{split}.json", r.id, "image_in_train",
+                                       f"image {p.name} has the same bytes as {hit[1]} of train record {hit[0]!r}"))
+                    break
+    return out
+
+
 def find_test_files(root: Path) -> list[str]:
     """Names (without .json) of the test splits in a MIRE directory, sorted."""
     return sorted(p.stem for p in Path(root).glob("test*.json"))
+
+
+def test_file_paths(root: Path | str, test_files: Sequence[str | Path] | None = None) -> list[Path]:
+    """The json files of the test splits: ``test_files`` are split names (``"test1"`` →
+    ``root/test1.json``) or paths to json files (``~`` expanded; relative to the current
+    folder); None: every ``test*.json`` in ``root``."""
+    root = Path(root)
+    if test_files is None:
+        return [root / f"{t}.json" for t in find_test_files(root)]
+    out = []
+    for t in test_files:
+        p = Path(t).expanduser()
+        out.append(p.absolute() if p.suffix == ".json" else root / f"{t}.json")
+    return out
 
 
 def load_mire(root: Path | str, *, test_files: Sequence[str | Path] | None = None,
@@ -259,14 +346,16 @@ def load_mire(root: Path | str, *, test_files: Sequence[str | Path] | None = Non
     if not root.is_dir():
         raise MireError(f"{root}: MIRE directory not found (expected train.json, test*.json, images/)")
     train, rep = load_split(root / "train.json", root / "images", strict=strict,
-                            decode_images=decode_images)
+                            decode_images=decode_images, require_labels=True)
     data = MireData(root=root, train=train, reports={"train": rep})
-    for t in (find_test_files(root) if test_files is None else test_files):
-        p = Path(t)
-        if p.suffix != ".json":
-            p = root / f"{t}.json"
+    for p in test_file_paths(root, test_files):
         images = p.parent / "images" if (p.parent / "images").is_dir() else root / "images"
         recs, rep = load_split(p, images, strict=strict, decode_images=decode_images)
         data.tests[p.stem] = recs
         data.reports[p.stem] = rep
+    data.leaks = find_leakage(data.train, data.tests)
+    if data.leaks:
+        warnings.warn(f"{root}: train/test leakage, {len(data.leaks)} test record(s):\n  "
+                      + "\n  ".join(str(p) for p in data.leaks[:10])
+                      + ("\n  ..." if len(data.leaks) > 10 else ""), stacklevel=2)
     return data

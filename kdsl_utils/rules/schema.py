@@ -41,6 +41,7 @@ import jsonschema
 
 from ..data.labels import IMAGE_LABELS, LABEL_TO_TASK, TASKS, near_miss
 from ..hashing import sha1_text
+from ..results import atomic_write
 
 SCHEMA_VERSION = "1.0"
 SUPPORTED_VERSIONS = ("1.0",)
@@ -396,7 +397,7 @@ class RuleBase:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1), "utf-8")
+        atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
         return path
 
     @classmethod
