@@ -15,14 +15,13 @@ pass. Writes the plan as CSV (atomically) and regenerates the section between th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from kdsl_utils.models.memory_plan import (
     analytic_param_counts, build_model, mire_lengths, model_param_counts, plan_table)
 from kdsl_utils.report import to_markdown, write_marked_block
+from kdsl_utils.results import atomic_write
 
 HERE = Path(__file__).resolve().parent
 MARKERS = ("<!-- memory-plan:start -->", "<!-- memory-plan:end -->")
@@ -31,13 +30,6 @@ COLUMNS = {"model": "model", "mode": "mode", "length": "record", "tokens": "toke
            "trainable_state_gib": "trainable state", "activations_gib": "activations (ckpt)",
            "peak_train_gib": "train peak", "scoring_gib": "scoring"}
 
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def readme_section(table, source: str) -> str:
@@ -73,13 +65,13 @@ def main(argv=None) -> int:
     table = plan_table(models, lengths=lengths)
     table.insert(0, "lengths_source", lengths.source)
     print(table.drop(columns=["lengths_source", "params_total"]).to_string(index=False))
-    write_atomic(Path(a.out), table.to_csv(index=False))
+    atomic_write(Path(a.out), table.to_csv(index=False))
     print(f"wrote {a.out}")
     if a.readme:
         readme = Path(a.readme)
         if not readme.is_file() or MARKERS[0] not in readme.read_text(encoding="utf-8"):
             old = readme.read_text(encoding="utf-8") if readme.is_file() else "# Benchmarks\n"
-            write_atomic(readme, old.rstrip() + f"\n\n{MARKERS[0]}\n{MARKERS[1]}\n")
+            atomic_write(readme, old.rstrip() + f"\n\n{MARKERS[0]}\n{MARKERS[1]}\n")
         write_marked_block(readme, readme_section(table, lengths.source), MARKERS)
         print(f"updated {readme}")
     return 0

@@ -55,7 +55,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import platform
 import shutil
 import statistics
@@ -74,6 +73,7 @@ from kdsl_utils.data.labels import LABELS
 from kdsl_utils.data.mire import load_split
 from kdsl_utils.data.tokens import image_size, qwen2_tokenizer, smart_resize
 from kdsl_utils.models import memory_plan as mp
+from kdsl_utils.results import atomic_write
 from kdsl_utils.models import sft
 from kdsl_utils.models.qwen_vl import load_model, prepare_for_finetune
 from kdsl_utils.models.scoring import score_candidates
@@ -514,18 +514,11 @@ def render_table(info: dict) -> str:
     return head + "\n\n" + to_markdown(pd.DataFrame(rows)) + ("\n" + skipped if skipped else "")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def update_readme(readme: Path, info: dict) -> None:
     if not readme.is_file() or MARKERS[0] not in readme.read_text(encoding="utf-8"):
         old = readme.read_text(encoding="utf-8") if readme.is_file() else "# Benchmarks\n"
-        write_atomic(readme, old.rstrip() + f"\n\n{MARKERS[0]}\n{MARKERS[1]}\n")
+        atomic_write(readme, old.rstrip() + f"\n\n{MARKERS[0]}\n{MARKERS[1]}\n")
     write_marked_block(readme, render_table(info), MARKERS)
 
 
@@ -573,7 +566,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
     slug = "cpu-smoke" if a.cpu_smoke else info["device"].replace(" ", "_")
     out = Path(a.out) if a.out else HERE / "results" / f"qwen_vl_gpu-{slug}.json"
-    write_atomic(out, json.dumps(info, indent=1, default=str) + "\n")
+    atomic_write(out, json.dumps(info, indent=1, default=str) + "\n")
     print(render_table(info))
     print(f"wrote {out}")
     if a.readme:
