@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -413,6 +414,9 @@ _WORKER_OCR: RapidOcr | None = None
 
 def _ocr_worker_init(params: OcrParams) -> None:
     global _WORKER_OCR
+    # An interrupt (Ctrl-C, or papermill shutting the kernel down) goes to the parent, which
+    # shuts the pool down; workers ignoring it do not print a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_OCR = RapidOcr(params)
 
 
