@@ -156,7 +156,8 @@ KERNEL := kdsl-replication
 lab: $(STAMP) ## JupyterLab on notebooks/ with the project's kernel (LAB_ARGS=--no-browser)
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))" >/dev/null
 	@echo "[kdsl] kernel 'Python ($(KERNEL))' = $(abspath $(PY)); open a notebook, run the cells top to bottom"
-	cd notebooks && $(abspath $(VENV))/bin/jupyter lab --port $(LAB_PORT) --ServerApp.root_dir=. $(LAB_ARGS)
+	cd notebooks && $(abspath $(VENV))/bin/jupyter lab --port $(LAB_PORT) --ServerApp.root_dir=. \
+	  $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)  # root: containers, CI boxes
 
 figures: $(STAMP) ## regenerate figures and the README results section from results files
 	$(PY) -m kdsl_utils.notebooks 90_report --out "$(PRODUCTS_ABS)/report" -p RESULTS_DIR "$(RESULTS_ABS)" \
