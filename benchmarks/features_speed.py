@@ -18,7 +18,11 @@ project's cache. Sections (each prints a markdown table; ``--readme`` also write
    ONNX thread, 1 x 2, 1 x 1) on N images, alternating, each run on a fresh cache: a
    layout's first run includes starting its pool / engine, later runs reuse the ones the
    process keeps (as a notebook's later calls do);
-3. ``--stages N``: the pipeline's stages on N records of train + test1 (all if 0), cold then
+3. ``--engines N``: RapidOCR's inference engines on the default settings, interleaved like
+   ``--levers``: onnxruntime (the project's) against OpenVINO, which is *not* a project
+   dependency (``pip install openvino==2026.4.1`` into a separate ``--target`` and put it on
+   ``PYTHONPATH`` to measure it); OpenVINO with RapidOCR's recognition batch 6 too;
+4. ``--stages N``: the pipeline's stages on N records of train + test1 (all if 0), cold then
    warm: OCR detection / recognition, image and text embeddings, the mini fits of the three
    task mixes, and the rule search of notebook 02.
 """
@@ -35,8 +39,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rapidocr import EngineType, RapidOCR
 
-from kdsl_utils.features import CACHE_ENV, OcrParams, RapidOcr, ocr_text
+from kdsl_utils.data.images import bgr_array, load_rgb
+from kdsl_utils.features import CACHE_ENV, OcrParams, RapidOcr, ocr_text, rapidocr_params
 from readme_sections import write_section
 
 def md(header: list[str], rows) -> str:
@@ -74,6 +80,9 @@ OCR_VARIANTS = {
     "arena + batch 1 + rec min width 160": OcrParams(mem_arena=True, rec_batch=1, rec_min_width=160),
     "arena + batch 1 + rec min width 96": OcrParams(),  # the default since these measurements
     "arena + batch 6 + rec min width 96": OcrParams(mem_arena=True, rec_batch=6),
+    "default + det max 736": OcrParams(limit_side_len=736),
+    "default + det max 640": OcrParams(limit_side_len=640),
+    "default + det max 1280": OcrParams(limit_side_len=1280),
 }
 
 
@@ -102,6 +111,43 @@ def levers(paths: list[Path], variants: dict[str, OcrParams] = OCR_VARIANTS) -> 
         rows.append((k, float(np.mean(a["det"])), float(np.mean(a["rec"])),
                      float(np.mean(a["wall"])), f"{same:.0%}", float(ratio)))
     return rows
+
+
+def engines(paths: list[Path]) -> list[tuple]:
+    """Seconds per image (detection, recognition, wall) and text agreement of RapidOCR's
+    onnxruntime and OpenVINO engines on the default :class:`OcrParams`, one thread each."""
+    base = rapidocr_params(OcrParams())
+    ov = {**base, "Det.engine_type": EngineType.OPENVINO, "Rec.engine_type": EngineType.OPENVINO,
+          "Cls.engine_type": EngineType.OPENVINO, "EngineConfig.openvino.inference_num_threads": 1}
+    variants = {"onnxruntime (default settings)": base, "OpenVINO": ov,
+                "OpenVINO, rec batch 6": {**ov, "Rec.rec_batch_num": 6}}
+    try:
+        import openvino  # noqa: F401  (optional, see the module docstring)
+    except ImportError:
+        print("OpenVINO is not installed: only the onnxruntime row is measured", file=sys.stderr)
+        variants = dict(list(variants.items())[:1])
+    eng = {k: RapidOCR(params=v) for k, v in variants.items()}
+    first = bgr_array(load_rgb(paths[0]))
+    for e in eng.values():  # load every session before timing
+        e(first)
+    names = list(eng)
+    acc = {k: {"det": [], "rec": [], "wall": [], "text": []} for k in names}
+    for i, p in enumerate(paths):
+        img = bgr_array(load_rgb(p))
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            out = eng[k](img)
+            acc[k]["wall"].append(time.perf_counter() - t0)
+            det, _cls, rec = (float(x or 0.0) for x in [*(out.elapse_list or ()), 0, 0, 0][:3])
+            acc[k]["det"].append(det)
+            acc[k]["rec"].append(rec)
+            acc[k]["text"].append("\n".join(out.txts or ()))
+        print(f"  engines: image {i + 1}/{len(paths)}", file=sys.stderr, flush=True)
+    ref = acc[names[0]]["text"]
+    return [(k, float(np.mean(a["det"])), float(np.mean(a["rec"])), float(np.mean(a["wall"])),
+             f"{np.mean([t == b for t, b in zip(a['text'], ref)]):.0%}",
+             float(np.mean([difflib.SequenceMatcher(None, t, b).ratio()
+                            for t, b in zip(a["text"], ref)]))) for k, a in acc.items()]
 
 
 def pool_layouts(paths: list[Path], reps: int = 2) -> list[tuple]:
@@ -244,6 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--f1", nargs="+", default=None, metavar="VARIANT",
                     help="weighted F1 of mini fits with these OCR_VARIANTS (cache: $KDSL_FEATURE_CACHE)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the --f1 fits")
+    ap.add_argument("--engines", type=int, default=0,
+                    help="compare RapidOCR's onnxruntime and OpenVINO engines on N images")
     ap.add_argument("--pool", type=int, default=0, help="compare process layouts on N images")
     ap.add_argument("--stages", type=int, default=-1, help="stage table on N records (0: all)")
     ap.add_argument("--readme", action="store_true", help="write the tables to benchmarks/README.md")
@@ -262,6 +310,16 @@ def main(argv=None) -> int:
         print(text, "\n")
         if a.readme:
             write_section(f"features_speed:levers{a.sample_seed}", text)
+    if a.engines:
+        paths = sample_images(data, a.engines, seed=a.sample_seed)
+        table = md(["engine", "det s/img", "rec s/img", "wall s/img", "same text",
+                    "text similarity"], engines(paths))
+        text = (f"### OCR inference engines (`--engines {a.engines} --sample-seed {a.sample_seed}`: "
+                f"{len(paths)} real images, interleaved, one process, one thread, cold; text "
+                f"compared with the first row)\n\n{where}.\n\n{table}")
+        print(text, "\n")
+        if a.readme:
+            write_section(f"features_speed:engines{a.sample_seed}", text)
     if a.pool:
         paths = sample_images(data, a.pool, seed=1)
         table = md(["layout", "wall s/img (mean)", "per run: 1st (start-up) / 2nd (kept pool)"],

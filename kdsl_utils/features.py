@@ -204,6 +204,23 @@ class OcrParams:
     mem_arena: bool = True  # onnxruntime's CPU memory arena (RapidOCR turns it off)
 
 
+def rapidocr_params(c: OcrParams) -> dict:
+    """RapidOCR's ``params`` overrides for ``c`` (onnxruntime engine; a benchmark adds
+    other engines' keys to compare them on the same settings)."""
+    return {
+        "Global.log_level": "error",
+        "Global.use_cls": c.use_cls,
+        "Global.text_score": c.text_score,
+        "Det.limit_type": c.limit_type,
+        "Det.limit_side_len": c.limit_side_len,
+        "Rec.rec_batch_num": c.rec_batch,
+        "Rec.rec_img_shape": [3, 48, c.rec_min_width],
+        "EngineConfig.onnxruntime.intra_op_num_threads": c.threads,
+        "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+        "EngineConfig.onnxruntime.enable_cpu_mem_arena": c.mem_arena,
+    }
+
+
 #: One RapidOCR engine (two ONNX sessions) per parameter set and process: loading costs
 #: ~0.5 s, so every :class:`RapidOcr` and every call of :func:`ocr_images` reuses it.
 _ENGINES: dict[OcrParams, Any] = {}
@@ -248,19 +265,7 @@ class RapidOcr(Extractor):
 
     def _load(self):
         if self.cfg not in _ENGINES:
-            c = self.cfg
-            _ENGINES[self.cfg] = RapidOCR(params={
-                "Global.log_level": "error",
-                "Global.use_cls": c.use_cls,
-                "Global.text_score": c.text_score,
-                "Det.limit_type": c.limit_type,
-                "Det.limit_side_len": c.limit_side_len,
-                "Rec.rec_batch_num": c.rec_batch,
-                "Rec.rec_img_shape": [3, 48, c.rec_min_width],
-                "EngineConfig.onnxruntime.intra_op_num_threads": c.threads,
-                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
-                "EngineConfig.onnxruntime.enable_cpu_mem_arena": c.mem_arena,
-            })
+            _ENGINES[self.cfg] = RapidOCR(params=rapidocr_params(self.cfg))
         return _ENGINES[self.cfg]
 
     def __call__(self, src: str | Path | bytes) -> dict:
