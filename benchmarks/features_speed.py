@@ -294,6 +294,7 @@ def main(argv=None) -> int:
                     help="compare RapidOCR's onnxruntime and OpenVINO engines on N images")
     ap.add_argument("--pool", type=int, default=0, help="compare process layouts on N images")
     ap.add_argument("--stages", type=int, default=-1, help="stage table on N records (0: all)")
+    ap.add_argument("--tag", default="", help="suffix of the --f1 README section's name")
     ap.add_argument("--readme", action="store_true", help="write the tables to benchmarks/README.md")
     a = ap.parse_args(argv)
     data = load_mire(a.data, test_files=["test1"])
@@ -338,7 +339,7 @@ def main(argv=None) -> int:
                 f"\n\n{where}.\n\n{table}")
         print(text, "\n")
         if a.readme:
-            write_section("features_speed:f1", text)
+            write_section(f"features_speed:f1{a.tag}", text)
     if a.stages >= 0:
         with tempfile.TemporaryDirectory(prefix="kdsl-cold-") as tmp:
             rows = stage_times(data, a.stages, Path(tmp))
