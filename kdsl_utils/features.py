@@ -197,8 +197,9 @@ class OcrParams:
     per image (-22%); the text changes (mean similarity 0.90: small print is read less), yet
     the mini fits on it did not lose (``--f1``, seeds 0-2, test1: image-only 0.789 -> 0.809,
     joint pooled 0.710 -> 0.717, within the seed spread), so 736 is the default. 640 saves
-    only 0.03 s more; OpenVINO instead of onnxruntime saves ~10% (``--engines``) for a
-    253 MB dependency, so it is not used.
+    only 0.03 s more. OpenVINO instead of onnxruntime (``--engines``, idle) was 10% faster at
+    960 px (detection only) and no faster at 736 (0.350 vs 0.347 s per image), for a 253 MB
+    dependency, so it is not used.
     """
 
     limit_type: str = "max"
