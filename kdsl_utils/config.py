@@ -99,6 +99,14 @@ class MiniCfg:
     dropout: float = 0.2
     batch_size: int = 32
     workers: int = 2  # processes for OCR
+    # Retrieval augmentation (issue 13): the similarity-weighted label vote of the nearest
+    # labelled training records (notebook 04's trained representation) as an extra dense
+    # input block; training records get out-of-fold votes (representations.NeighbourVotes).
+    # Off by default: it costs retrieval_folds + 1 encoder fits per model fit (measured in
+    # benchmarks/README.md, "Retrieval augmentation"); OVERRIDES {"mini__retrieval": true}
+    # writes under results/mini-ov<hash>/.
+    retrieval: bool = False
+    retrieval_folds: int = 4  # cross-fitting folds for the training records' own votes
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,7 @@ class ReprCfg:
     temperature: float = 0.07  # initial value of the learnable contrastive temperature
     visual_loss_weight: float = 0.5  # mICL: weight of the visual-side loss (multimodal: 1)
     dialogue_copies: int = 1  # turn-dropout copies per intent record (related pairs)
+    word_max_chars: int = 512  # characters of OCR text per e5 passage (the image "word")
     k_grid: tuple[int, ...] = (1, 3, 5, 10, 20)  # kNN k, chosen on the dev fold
     recall_ks: tuple[int, ...] = (1, 3, 5, 10, 20)  # recall@k of same-label retrieval
 

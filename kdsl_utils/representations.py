@@ -136,19 +136,28 @@ def _e5(texts: list[str], cache: FeatureCache, progress: bool) -> np.ndarray:
     return out
 
 
+def _word(ocr: str, max_chars: int) -> str:
+    """The OCR text of a record's images cut to ``max_chars`` characters (the image's "word";
+    e5's cost grows with the passage, and the first lines of a screenshot carry its title)."""
+    return ocr[:max_chars]
+
+
 def extract(records: Sequence[Record], cfg: Profile, cache: FeatureCache, *,
             progress: bool = True) -> ReprInputs:
     """:class:`ReprInputs` of ``records`` from the cached extractors (OCR, EfficientNet, e5).
 
-    The mini backend's extraction is reused with ``intent_images`` from ``ReprCfg``.
+    The mini backend's extraction is reused with ``intent_images`` from ``ReprCfg``; the
+    OCR text is cut to ``ReprCfg.word_max_chars`` characters before e5 reads it.
     """
     rc = cfg.repr
     mcfg = replace(cfg.mini, ocr=True, image_encoder=True, text_encoder=False,
                    intent_images=rc.intent_images)
     raw = extract_inputs(records, mcfg, cache, progress=progress)
-    word = _e5(raw.ocr, cache, progress)
+    words = [_word(t, rc.word_max_chars) for t in raw.ocr]
+    word = _e5(words, cache, progress)
     note = _e5(raw.dialog, cache, progress)
-    joined = ["\n".join(t for t in (o, d) if t.strip()) for o, d in zip(raw.ocr, raw.dialog)]
+    # the same cut OCR text: an image record's pooled passage is its word (one embedding)
+    joined = ["\n".join(t for t in (o, d) if t.strip()) for o, d in zip(words, raw.dialog)]
     pooled = _e5(joined, cache, progress)
     visual = np.concatenate([raw.image, raw.layout], axis=1).astype(np.float32)
     return ReprInputs([r.id for r in records], word, note, pooled, visual)
@@ -367,6 +376,146 @@ def nearest_labels(rep: Representation, records: Sequence[Record], x: ReprInputs
     sim = _similarities(rep.embed(x), records, rep.embed(xg), gallery)
     best = sim.argmax(axis=1)
     return [gallery[j].label for j in best]
+
+
+def base_id(record_id: str) -> str:
+    """The id of the original a record derives from (``x#dlg1`` / ``x#aug1`` -> ``x``)."""
+    return record_id.split("#")[0]
+
+
+class NeighbourVotes:
+    """Neighbour-label features of the ``mini`` large model (retrieval augmentation).
+
+    For a record, the similarity-weighted label vote (:func:`knn_proba`) of its ``k`` nearest
+    labelled training records of the same task in the ``variant`` representation: a (48,)
+    distribution over the record's candidates. ``fit`` trains the representation on the
+    training records; **no record votes for itself**: a training record's vote comes from a
+    representation trained without it, over a gallery without it (cross-fitting,
+    ``MiniCfg.retrieval_folds`` folds grouped by original, so augmented copies stay with their
+    original), and any other record's vote excludes gallery records of the same original
+    (:func:`_similarities`). ``k`` is chosen from ``ReprCfg.k_grid`` by the out-of-fold
+    weighted F1 of the vote itself (no test or dev record is looked at).
+
+    ``block(records)`` gives the votes scaled to unit mean row norm over the training
+    records' out-of-fold votes (not standardised per column: a label no training record was
+    voted for would get a near-zero spread), ``nearest(records)`` the nearest training
+    record's label (the rule observable ``nearest_label``).
+    """
+
+    dim = len(ALL_LABELS)
+
+    def __init__(self, cfg: Profile, cache: FeatureCache | None = None, *,
+                 variant: str = "full", progress: bool = False):
+        self.cfg, self.variant, self.progress = cfg, variant, progress
+        self.cache = cache or FeatureCache()
+        self.rep: Representation | None = None
+        self.gallery: list[Record] = []
+        self.e_gal: np.ndarray | None = None
+        self.k = 0
+        self.oof: dict[str, tuple[np.ndarray, str]] = {}  # id -> (vote, nearest label)
+        self._fit_block: np.ndarray | None = None
+        self.info: dict = {}
+
+    def __getstate__(self):  # pickled with the model; the feature cache is re-opened on load
+        return {k: v for k, v in self.__dict__.items() if k != "cache"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.cache = FeatureCache()
+
+    def _votes(self, rep: Representation, q: Sequence[Record], xq: ReprInputs,
+               g: Sequence[Record], eg: np.ndarray, ks: Sequence[int]):
+        sim = _similarities(rep.embed(xq), q, eg, g)
+        near = [g[j].label if np.isfinite(sim[i, j]) else "" for i, j in
+                enumerate(sim.argmax(axis=1))]
+        return {k: knn_proba(sim, g, q, k, rep.temperature) for k in ks}, near
+
+    def fit(self, records: Sequence[Record], *, seed: int) -> NeighbourVotes:
+        """Train on labelled ``records`` (originals and their augmented copies)."""
+        t0 = time.perf_counter()
+        records = list(records)
+        rc, folds = self.cfg.repr, self.cfg.mini.retrieval_folds
+        x = extract(records, self.cfg, self.cache, progress=self.progress)
+        orig = [i for i, r in enumerate(records) if "#" not in r.id]  # the gallery: originals
+        ks = tuple(rc.k_grid)
+        # out-of-fold votes: folds over originals, stratified by label; copies follow theirs
+        groups = np.array([base_id(r.id) for r in records])
+        bases = sorted(set(groups))
+        lab = {base_id(r.id): r.label for r in records}
+        fold_of: dict[str, int] = {}
+        rng = np.random.default_rng(seed)
+        by_label: dict[str, list[str]] = {}
+        for b in bases:
+            by_label.setdefault(lab[b], []).append(b)
+        start = 0
+        for label in sorted(by_label):  # round-robin per label, rotated: folds stay balanced
+            bs = list(rng.permutation(by_label[label]))
+            for j, b in enumerate(bs):
+                fold_of[b] = (start + j) % folds
+            start += len(bs)
+        fold = np.array([fold_of[g] for g in groups])
+        votes = {k: np.zeros((len(records), self.dim)) for k in ks}
+        near = [""] * len(records)
+        for f in range(folds):
+            tr = np.flatnonzero(fold != f)
+            te = np.flatnonzero(fold == f)
+            if not len(te) or not len(tr):
+                continue
+            rep = train([records[i] for i in tr], x.take(tr), self.variant, rc, seed=seed + 1 + f)
+            g = [i for i in orig if fold[i] != f]
+            vs, nr = self._votes(rep, [records[i] for i in te], x.take(te),
+                                 [records[i] for i in g], rep.embed(x.take(g)), ks)
+            for k in ks:
+                votes[k][te] = vs[k]
+            for i, lbl in zip(te, nr):
+                near[i] = lbl
+        y = [r.label for r in records]
+        tasks = [r.task for r in records]
+        f1 = {k: metric_rows(y, [ALL_LABELS[i] for i in votes[k].argmax(axis=1)], tasks)[0]["value"]
+              for k in ks}
+        self.k = max(ks, key=lambda k: (f1[k], -k))
+        self.oof = {r.id: (votes[self.k][i].astype(np.float32), near[i])
+                    for i, r in enumerate(records)}
+        self._fit_block = votes[self.k].astype(np.float32)
+        self.rep = train(records, x, self.variant, rc, seed=seed)
+        self.gallery = [records[i] for i in orig]
+        self.e_gal = self.rep.embed(x.take(orig))
+        self.info = {"k": self.k, "oof_weighted_f1": f1, "folds": folds, "variant": self.variant,
+                     "n_gallery": len(orig), "wall_s": time.perf_counter() - t0}
+        return self
+
+    def _lookup(self, records: Sequence[Record]) -> tuple[np.ndarray, list[str]]:
+        if self.rep is None:
+            raise RuntimeError("NeighbourVotes: fit() first")
+        records = list(records)
+        out = np.zeros((len(records), self.dim), dtype=np.float32)
+        near = [""] * len(records)
+        new = [i for i, r in enumerate(records) if r.id not in self.oof]
+        for i, r in enumerate(records):
+            if r.id in self.oof:
+                out[i], near[i] = self.oof[r.id]
+        if new:
+            q = [records[i] for i in new]
+            vs, nr = self._votes(self.rep, q, extract(q, self.cfg, self.cache,
+                                                      progress=self.progress),
+                                 self.gallery, self.e_gal, (self.k,))
+            out[new] = vs[self.k]
+            for i, lbl in zip(new, nr):
+                near[i] = lbl
+        return out, near
+
+    def votes(self, records: Sequence[Record]) -> np.ndarray:
+        """(n, 48) neighbour-label votes (rows sum to 1 over each record's candidates)."""
+        return self._lookup(records)[0]
+
+    def block(self, records: Sequence[Record]) -> np.ndarray:
+        """(n, 48) the votes divided by the mean row norm of the out-of-fold votes."""
+        scale = float(np.linalg.norm(self._fit_block, axis=1).mean()) or 1.0
+        return (self.votes(records) / scale).astype(np.float32)
+
+    def nearest(self, records: Sequence[Record]) -> list[str]:
+        """The label of each record's nearest training record of its task ("" where none)."""
+        return self._lookup(records)[1]
 
 
 # ---------------------------------------------------------------------------- the run

@@ -15,6 +15,11 @@ from kdsl_utils import representations as R
 from kdsl_utils.config import ConfigError, ReprCfg, resolve
 from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS, LABEL_INDEX, LABELS
 from kdsl_utils.data.records import Record
+from kdsl_utils.models import mini as M
+from kdsl_utils.models.registry import make_backend
+from kdsl_utils.rules.engine import RuleEngine, build_observables
+from kdsl_utils.rules.propose import DataProposer
+from kdsl_utils.rules.schema import Condition, RuleBase, RuleValidationError, make_rule
 
 N_VIS = 1287
 
@@ -168,3 +173,86 @@ def test_partners_prefer_copies_and_stay_in_label():
     assert (draws[:, 3] == 3).all()  # alone in its label, no copy: itself (skipped by the loss)
     assert set(draws[:, 0]) == {1, 2} and (draws[:, 0] == 1).mean() > 0.4
     assert set(draws[:, 2]) <= {0, 1}
+
+
+# ------------------------------------------------------------- retrieval augmentation
+
+
+def _fake_extract(table: dict[str, tuple]):
+    """A stand-in for ``R.extract``: each record's inputs looked up by id (copies: their base)."""
+    def extract(records, cfg, cache, progress=False):
+        rows = [table[R.base_id(r.id)] for r in records]
+        return R.ReprInputs([r.id for r in records], *(np.stack(c).astype(np.float32)
+                                                        for c in zip(*rows)))
+    return extract
+
+
+def _noise_table(recs, seed=0):
+    rng = np.random.default_rng(seed)
+    return {r.id: tuple(rng.normal(size=d) for d in (R.TEXT_DIM, R.TEXT_DIM, R.TEXT_DIM, N_VIS))
+            for r in recs}
+
+
+TINY_RC = dict(repr__epochs=2, repr__dim=16, repr__k_grid=[1, 3], mini__retrieval=True,
+               mini__retrieval_folds=3)
+
+
+def test_neighbour_votes_never_vote_for_the_record_itself(monkeypatch):
+    # 4 labels x 6 records per task, one singleton label per task with a turn-dropout copy:
+    # its own label can only come from itself or its copy, so its vote must be ~0 there
+    recs, _ = dataset(n_per_label=6, n_labels=4)
+    lone = [rec("lone-img", "image", IMAGE_LABELS[5]), rec("lone-int", "intent", INTENT_LABELS[5])]
+    table = _noise_table(recs + lone)
+    train_recs = recs + lone + [rec("lone-int#dlg0", "intent", INTENT_LABELS[5])]
+    monkeypatch.setattr(R, "extract", _fake_extract(table))
+    cfg = resolve("mini", **TINY_RC)
+    nv = R.NeighbourVotes(cfg).fit(train_recs, seed=0)
+    v = nv.votes(train_recs)
+    assert v.shape == (len(train_recs), 48) and np.allclose(v.sum(axis=1), 1)
+    for i, r in enumerate(train_recs):
+        if r.label in (IMAGE_LABELS[5], INTENT_LABELS[5]):
+            assert v[i, LABEL_INDEX[r.label]] < 1e-6, r.id  # no self / copy vote
+            assert nv.nearest([r])[0] != r.label
+    # on pure noise, out-of-fold votes are near chance; a self vote would be right every time
+    own = np.mean([v[i].argmax() == LABEL_INDEX[r.label] for i, r in enumerate(train_recs)])
+    assert own < 0.6, own
+    # a new record (not in training) is voted by the full gallery, originals only
+    new = rec("new", "image", IMAGE_LABELS[0])
+    table["new"] = table[recs[0].id]  # the same inputs as a training record: it is found
+    assert nv.nearest([new])[0] == recs[0].label and len(nv.gallery) == len(recs) + 2
+    assert nv.k in (1, 3) and set(nv.info["oof_weighted_f1"]) == {1, 3}
+    b = nv.block(train_recs)
+    assert np.isclose(np.linalg.norm(b, axis=1).mean(), 1.0, atol=1e-4)
+
+
+def test_retrieval_backend_needs_and_gets_a_retriever():
+    cfg = resolve("mini", **TINY_RC)
+    with pytest.raises(ValueError, match="retriever"):
+        M.MiniBackend(cfg)
+    be = make_backend(cfg)
+    assert isinstance(be.retriever, R.NeighbourVotes)
+    assert make_backend(resolve("mini")).retriever is None  # off by default
+
+
+def test_nearest_label_observable_in_rules_and_proposer():
+    a, b = INTENT_LABELS[0], INTENT_LABELS[1]
+    recs = [Record(id=f"r{i}", task="intent", instruction="", label=[a, b][i % 2], images=(),
+                   candidates=LABELS["intent"]) for i in range(12)]
+    near = [r.label if i < 10 else [b, a][i % 2] for i, r in enumerate(recs)]  # 10/12 right
+    obs = build_observables(recs, nearest_label=near)
+    assert "nearest_label" in obs.available and obs.fields["nearest_label"] == near
+    assert "nearest_label" not in build_observables(recs).available
+    rule = make_rule("intent", a, [Condition("nearest_label", "keyword_any", (a,))])
+    eng = RuleEngine(obs)
+    res = eng.apply([rule], y=obs.labels)
+    assert res.masks[0].tolist() == [n == a for n in near] and res.precision[0] == 5 / 6
+    eng.apply([rule])
+    assert eng.stats["condition_evals"] == 1  # the mask is cached per condition
+    assert RuleBase([rule]).to_dict()["rules"][0]["conditions"][0]["field"] == "nearest_label"
+    with pytest.raises(RuleValidationError, match="not labels of task"):
+        make_rule("intent", a, [Condition("nearest_label", "keyword_any", (IMAGE_LABELS[0],))])
+    with pytest.raises(RuleValidationError, match="bad_op"):
+        make_rule("intent", a, [Condition("nearest_label", "regex", a)])
+    # the data-driven miner proposes it where it discriminates (here: the only signal)
+    rules = DataProposer(obs, min_support=2).propose(a, k=3)
+    assert any(c.field == "nearest_label" for r in rules for c in r.conditions)

@@ -52,6 +52,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -298,11 +299,17 @@ class MiniBackend:
     name = "mini"
 
     def __init__(self, cfg: Profile, cache_dir: str | Path | None = None, *,
-                 progress: bool = True):
+                 progress: bool = True, retriever: Any = None):
         self.cfg = cfg
         self.mcfg: MiniCfg = cfg.mini
         self.cache = FeatureCache(cache_dir)
         self.progress = progress
+        # MiniCfg.retrieval: the neighbour-label block (representations.NeighbourVotes, built
+        # by registry.make_backend: representations imports this module, not the reverse)
+        if self.mcfg.retrieval and retriever is None:
+            raise ValueError("mini.retrieval=True needs a retriever: build the backend with "
+                             "models.registry.make_backend(cfg)")
+        self.retriever = retriever if self.mcfg.retrieval else None
         self.featurizer: Featurizer | None = None
         self.model = None
         self.init_state: dict | None = None
@@ -311,6 +318,18 @@ class MiniBackend:
     # -- features
     def inputs(self, records: Sequence[Record]) -> RawInputs:
         return extract_inputs(records, self.mcfg, self.cache, progress=self.progress)
+
+    def design(self, records: Sequence[Record]):
+        """(CSR n-grams, dense array) of ``records``: the featurizer's blocks, then the
+        neighbour-label block where ``MiniCfg.retrieval`` (48 columns)."""
+        xs, xd = self.featurizer.transform(self.inputs(records))
+        if self.retriever is not None:
+            xd = np.concatenate([xd, self.retriever.block(records)], axis=1)
+        return xs, xd
+
+    @property
+    def n_dense(self) -> int:
+        return self.featurizer.n_dense + (self.retriever.dim if self.retriever is not None else 0)
 
     def fit_featurizer(self, records: Sequence[Record]) -> Featurizer:
         """Fit the (label-free) featurizer on ``records``; :meth:`fit` calls it on the full
@@ -329,7 +348,9 @@ class MiniBackend:
             raise ValueError(f"no training records for mix {mix!r}")
         if any(r.label is None for r in recs):
             raise ValueError("training records must be labelled")
-        xs, xd = self.featurizer.transform(self.inputs(recs))
+        if self.retriever is not None:  # trained on this mix's records, votes out of fold
+            self.retriever.fit(recs, seed=seed)
+        xs, xd = self.design(recs)
         mask = candidate_mask(recs)
         y = torch.tensor([LABEL_INDEX[r.label] for r in recs])
         t_feat = time.perf_counter() - t0
@@ -352,8 +373,7 @@ class MiniBackend:
     def _train(self, xs, xd, mask, y, seed: int) -> list[float]:
         m = self.mcfg
         torch.manual_seed(seed)
-        self.model = _build_model(self.featurizer.n_sparse, self.featurizer.n_dense,
-                                  m.hidden, m.dropout)
+        self.model = _build_model(self.featurizer.n_sparse, self.n_dense, m.hidden, m.dropout)
         self.init_state = copy.deepcopy(self.model.state_dict())
         opt = torch.optim.AdamW(self.model.parameters(), lr=m.learning_rate,
                                 weight_decay=m.weight_decay, fused=True)
@@ -381,7 +401,7 @@ class MiniBackend:
         if self.model is None or self.featurizer is None:
             raise RuntimeError("MiniBackend: fit() or load() first")
         records = list(records)
-        xs, xd = self.featurizer.transform(self.inputs(records))
+        xs, xd = self.design(records)
         mask = candidate_mask(records)
         out = np.zeros((len(records), len(ALL_LABELS)), dtype=np.float64)
         with torch.inference_mode(), torch_threads(1):
@@ -401,6 +421,9 @@ class MiniBackend:
                    path / "model.pt")
         with open(path / "featurizer.pkl", "wb") as fh:
             pickle.dump(self.featurizer, fh)
+        if self.retriever is not None:
+            with open(path / "retriever.pkl", "wb") as fh:
+                pickle.dump(self.retriever, fh)
         (path / "meta.json").write_text(json.dumps(
             {**self.meta, "mini_cfg": self.cfg.to_dict()["mini"]}, indent=1, ensure_ascii=False))
 
@@ -408,7 +431,11 @@ class MiniBackend:
     def load(cls, path: str | Path, cfg: Profile, cache_dir: str | Path | None = None, *,
              progress: bool = True) -> MiniBackend:
         path = Path(path)
-        self = cls(cfg, cache_dir, progress=progress)
+        retriever = None
+        if cfg.mini.retrieval:
+            with open(path / "retriever.pkl", "rb") as fh:
+                retriever = pickle.load(fh)
+        self = cls(cfg, cache_dir, progress=progress, retriever=retriever)
         meta = json.loads((path / "meta.json").read_text())
         saved = meta.pop("mini_cfg", None)
         if saved is not None and saved != cfg.to_dict()["mini"]:
@@ -418,7 +445,7 @@ class MiniBackend:
         with open(path / "featurizer.pkl", "rb") as fh:
             self.featurizer = pickle.load(fh)
         blob = torch.load(path / "model.pt", weights_only=True)
-        self.model = _build_model(self.featurizer.n_sparse, self.featurizer.n_dense,
+        self.model = _build_model(self.featurizer.n_sparse, self.n_dense,
                                   self.mcfg.hidden, self.mcfg.dropout)
         self.model.load_state_dict(blob["state"])
         self.model.eval()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Profile
+from ..features import FeatureCache
+from ..representations import NeighbourVotes
 from .mini import MiniBackend
 from .qwen_vl import QwenVLBackend
 
@@ -24,7 +26,11 @@ def backend_class(cfg: Profile) -> type:
 
 
 def make_backend(cfg: Profile, **kwargs):
-    """A fresh (unfitted) backend of the profile; ``kwargs`` go to its constructor."""
+    """A fresh (unfitted) backend of the profile; ``kwargs`` go to its constructor. A mini
+    backend with ``MiniCfg.retrieval`` gets its neighbour-label retriever here."""
+    if cfg.backend == "mini" and cfg.mini.retrieval:
+        cache = FeatureCache(kwargs["cache_dir"]) if kwargs.get("cache_dir") else None
+        kwargs.setdefault("retriever", NeighbourVotes(cfg, cache))
     return backend_class(cfg)(cfg, **kwargs)
 
 

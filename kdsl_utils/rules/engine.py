@@ -116,17 +116,20 @@ def _as_scenes(v: Any) -> tuple[str, ...]:
 
 
 def build_observables(records: Sequence[Any], ocr_texts: Any = None, image_desc: Any = None,
-                      image_scene: Any = None) -> Observables:
+                      image_scene: Any = None, nearest_label: Any = None) -> Observables:
     """Observables of ``records`` (``Record``-like: id, task, label, images, user_text, ...).
 
-    ``ocr_texts``, ``image_desc`` and ``image_scene`` are optional: a mapping record id ->
-    value or a sequence aligned with ``records``; a value may be a string or a list (one per
-    image: texts are joined by newlines, scenes kept as a tuple).
+    ``ocr_texts``, ``image_desc``, ``image_scene`` and ``nearest_label`` are optional: a
+    mapping record id -> value or a sequence aligned with ``records``; a value may be a string
+    or a list (one per image: texts are joined by newlines, scenes kept as a tuple);
+    ``nearest_label`` is one label string per record (computed once per dataset, e.g. by
+    ``representations.NeighbourVotes.nearest``, so rule execution stays a set look-up).
     """
     n = len(records)
     ocr = _per_record(ocr_texts, records, "ocr_texts")
     desc = _per_record(image_desc, records, "image_desc")
     scene = _per_record(image_scene, records, "image_scene")
+    near = _per_record(nearest_label, records, "nearest_label")
     f: dict[str, Any] = {
         "user_text": [getattr(r, "user_text", "") or "" for r in records],
         "last_user_turn": [getattr(r, "last_user_turn", "") or "" for r in records],
@@ -135,10 +138,12 @@ def build_observables(records: Sequence[Any], ocr_texts: Any = None, image_desc:
         "image_count": np.array([len(getattr(r, "images", ()) or ()) for r in records],
                                 dtype=np.int64),
         "image_scene": [_as_scenes(v) for v in scene] if scene is not None else [()] * n,
+        "nearest_label": [str(v or "") for v in near] if near is not None else [""] * n,
     }
     available = {"user_text", "last_user_turn", "image_count"}
     available |= {k for k, v in (("ocr_text", ocr), ("image_desc", desc),
-                                 ("image_scene", scene)) if v is not None}
+                                 ("image_scene", scene), ("nearest_label", near))
+                  if v is not None}
     labels = [getattr(r, "label", None) for r in records]
     y = label_indices(labels) if all(lab is not None for lab in labels) and n else None
     return Observables([r.id for r in records], np.array([r.task for r in records], dtype=object),
@@ -293,6 +298,9 @@ class RuleEngine:
         vals = self.obs.fields[c.field]
         if c.op in SEMANTIC_OPS:
             m = semantic_similarity(self.obs, c.field, c.value) >= c.cosine_threshold
+        elif kind == "label":  # exact label match (keyword_any is its only operator)
+            ks = set(c.value)
+            m = np.fromiter((v in ks for v in vals), bool, self.n)
         elif kind == "numeric":
             m = _NUMERIC[c.op](np.asarray(vals), c.value)
         elif kind == "scene":

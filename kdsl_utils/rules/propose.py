@@ -224,6 +224,13 @@ class DataProposer(Proposer):
                         if _keep_gram(vocab[j])]
                 cols.append(X[:, keep])
                 conds += [Condition(fname, "keyword_any", (str(vocab[j]),)) for j in keep]
+            elif kind == "label":  # nearest_label: one exact-label condition per label seen
+                labs = sorted({v for v in vals if v})
+                if not labs:
+                    continue
+                X = np.array([[v == lab for lab in labs] for v in vals], dtype=np.int8)
+                cols.append(sparse.csc_matrix(X))
+                conds += [Condition(fname, "keyword_any", (lab,)) for lab in labs]
             elif kind == "scene":
                 scenes = sorted({s for v in vals for s in v})
                 if not scenes:
@@ -564,6 +571,7 @@ FIELD_DESCRIPTIONS = {
     "image_desc": "a short description of the customer's images",
     "image_count": "number of images the customer sent (a number)",
     "image_scene": "predicted scene label of each attached image",
+    "nearest_label": "label of the most similar labelled training record",
 }
 #: What each label means, for the prompt (written from the label names of the challenge; the
 #: challenge gives no glosses).
@@ -703,7 +711,8 @@ class LLMProposer(Proposer):
         self.engine = RuleEngine(train) if train is not None and train.labels is not None \
             else None
         self.descriptions = {**LABEL_MEANINGS, **dict(descriptions or {})}
-        avail = train.available if train is not None else frozenset(FIELDS)
+        # without observables, every field but nearest_label (which needs a representation)
+        avail = train.available if train is not None else frozenset(FIELDS) - {"nearest_label"}
         self.fields = [f for f in (fields or FIELDS) if f in avail]
         self.max_examples, self.max_chars, self.n_typical = max_examples, max_chars, n_typical
         self.count_tokens = count_tokens

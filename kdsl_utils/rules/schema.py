@@ -14,6 +14,9 @@ A condition tests one observable field of a record (``FIELDS``) with one operato
 - ``keyword_any`` / ``keyword_all``: ``value`` is a non-empty list of strings; on text fields a
   keyword matches as a case-insensitive substring, on ``image_scene`` as an exact scene label;
 - ``regex``: ``value`` is a pattern (Python ``re``, searched, case-sensitive unless ``(?i)``);
+- on ``nearest_label`` (the label of the record's nearest training record of its task in
+  notebook 04's representation, ``representations.NeighbourVotes.nearest``) only
+  ``keyword_any``: ``value`` lists labels of the rule's task, matched exactly;
 - ``eq ne gt ge lt le``: numeric comparison of ``image_count`` with a number;
 - ``semantic``: ``value`` is a non-empty list of short texts the small model wrote for the
   label (a description, paraphrased customer questions); the condition holds where the
@@ -54,6 +57,7 @@ FIELDS: dict[str, str] = {
     "image_desc": "text",       # the small model's description of the images
     "image_count": "numeric",   # number of images attached to the record
     "image_scene": "scene",     # predicted scene label(s) of the attached images
+    "nearest_label": "label",   # label of the nearest training record (representations)
 }
 KEYWORD_OPS = ("keyword_any", "keyword_all")
 NUMERIC_OPS = ("eq", "ne", "gt", "ge", "lt", "le")
@@ -66,6 +70,7 @@ OPS_BY_KIND: dict[str, tuple[str, ...]] = {
     "text": KEYWORD_OPS + ("regex",) + SEMANTIC_OPS,
     "scene": KEYWORD_OPS + ("regex",),
     "numeric": NUMERIC_OPS,
+    "label": ("keyword_any",),  # one label per record: "is one of these labels"
 }
 OP_SYMBOLS = {"keyword_any": "any", "keyword_all": "all", "regex": "~", "eq": "==", "ne": "!=",
               "gt": ">", "ge": ">=", "lt": "<", "le": "<=", "semantic": "≈"}
@@ -330,6 +335,12 @@ def check_rule(rule: Rule, where: str = "") -> None:
                 if bad:
                     raise RuleValidationError(rid, "bad_value",
                                               f"{at}: {bad!r} are not image-scene labels", where)
+            if kind == "label":
+                bad = [k for k in c.value if LABEL_TO_TASK.get(k) != rule.task]
+                if bad:
+                    raise RuleValidationError(rid, "bad_value",
+                                              f"{at}: {bad!r} are not labels of task "
+                                              f"{rule.task!r}", where)
         elif c.op in SEMANTIC_OPS:
             if (not isinstance(c.value, tuple) or not c.value
                     or not all(isinstance(k, str) and k.strip() for k in c.value)):
