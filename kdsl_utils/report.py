@@ -107,11 +107,13 @@ COT_ROWS = {f"{v}/{m}": f"{v} ({m.replace('_', ' ')})" for v in ("sft", "full_co
             for m in ("parsed", "scored_after_reasoning")}
 
 
-def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None) -> pd.DataFrame:
+def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None,
+                  gain: str = "gain_vs_model") -> pd.DataFrame:
     """Wide table: one row per variant (display name), columns ``split/task`` holding
     ``mean [lo, hi]`` of weighted F1 (mean over seeds; CI of the first seed when present),
-    plus the number of seeds, and per split the pooled gain over the model with its paired
-    95% CI (``Δ split``, points) where the metrics hold one."""
+    plus the number of seeds, and per split the pooled gain over the model (metric ``gain``,
+    e.g. ``gain_vs_joint`` for notebook 04's rows) with its paired 95% CI (``Δ split``,
+    points) where the metrics hold one."""
     rows = rows or ROWS
     wf1 = metrics[metrics.metric == "weighted_f1"]
     out = []
@@ -132,14 +134,37 @@ def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None) -> 
         for split in sorted(g.split.unique()):
             d = metrics[(metrics.variant == variant) & (metrics.split == split)
                         & (metrics.task == "pooled")].set_index("metric").value
-            if "gain_vs_model" in d:
-                rec[f"Δ {split}"] = (f"{100 * d['gain_vs_model']:+.2f} "
-                                     f"[{100 * d['gain_vs_model_lo']:+.2f}, "
-                                     f"{100 * d['gain_vs_model_hi']:+.2f}]")
+            if gain in d:
+                rec[f"Δ {split}"] = (f"{100 * d[gain]:+.2f} "
+                                     f"[{100 * d[gain + '_lo']:+.2f}, "
+                                     f"{100 * d[gain + '_hi']:+.2f}]")
         out.append(rec)
     table = pd.DataFrame(out)
     cols = ["row", "seeds"] + sorted(c for c in table.columns if c not in ("row", "seeds"))
     return table[cols] if len(table) else table
+
+
+def representation_rows(metrics04: pd.DataFrame) -> dict[str, str]:
+    """Display names of notebook 04's rows (variant -> name), in table order: notebook 01's
+    joint fine-tune, the kNN vote of each representation variant (with the k chosen on the
+    dev fold, mean over seeds when they differ) and the retrieval-augmented model."""
+    k = metrics04[metrics04.metric == "k_chosen"].groupby("variant").value.mean()
+    rows = {"01:joint": "Joint fine-tune, full train (notebook 01, same seed)"}
+    for v in sorted(set(metrics04.variant)):
+        if v.startswith("knn_"):
+            kk = f"{k[v]:g}" if v in k else "?"
+            rows[v] = (f"knn[k={kk}]: similarity-weighted label vote of the k nearest training "
+                       f"records ({v[len('knn_'):]} representation, k chosen on dev)")
+    rows["model+retrieval"] = ("model+retrieval: joint fine-tune + neighbour-label block (out-of-fold "
+                               "kNN votes of the training records as extra input)")
+    return rows
+
+
+def representation_table(metrics04: pd.DataFrame) -> pd.DataFrame:
+    """Notebook 04's rows of the results table (:func:`representation_rows`): weighted F1
+    [bootstrap 95% CI] per split and task, ``Δ split`` = pooled gain over the joint
+    fine-tune of the same seed with its paired 95% CI (points)."""
+    return results_table(metrics04, representation_rows(metrics04), gain="gain_vs_joint")
 
 
 def gains_vs_paper(metrics: pd.DataFrame, ours: str = "kdsl", base: str = "model") -> pd.DataFrame:
@@ -357,6 +382,15 @@ def readme_section(label: str, paths: Mapping[str, Path], fig_dir: Path | str,
                "and per task.", "", to_markdown(table), "",
                "KDSL's gain beside the paper's (different models, data sizes and baselines):", "",
                to_markdown(gains_vs_paper(m03)), ""]
+    if "04_representations" in paths:
+        m04 = read_metrics(Path(paths["04_representations"]) / "metrics.csv")
+        if (m04.metric == "gain_vs_joint").any():
+            table = representation_table(m04)
+            table.to_csv(fig_dir / "representation_table.csv", index=False)
+            md += ["**Representations** (notebook 04, NoteLLM-2 recipe): kNN classifiers and the "
+                   "retrieval-augmented model beside the joint fine-tune; weighted F1 [bootstrap "
+                   "95% CI], `Δ split` = pooled gain over the joint with a paired bootstrap 95% "
+                   "CI (points).", "", to_markdown(table), ""]
     if "05_dynamic_cot" in paths:
         m05 = read_metrics(Path(paths["05_dynamic_cot"]) / "metrics.csv")
         md += ["**Dynamic CoT** (notebook 05): weighted F1 of each post-training variant, label "

@@ -63,13 +63,14 @@ from torch import nn
 
 from .config import Profile, ReprCfg
 from .data.augment import dialogue_dropout
-from .data.labels import ALL_LABELS, LABEL_INDEX, TASKS
+from .data.labels import ALL_LABELS, LABEL_INDEX, TASKS, label_indices
 from .data.records import Record
 from .data.splits import stratified_split
 from .features import E5Embedder, FeatureCache, embed_texts, torch_threads
 from .metrics import POOLED, metric_rows
 from .models.base import Predictions
-from .models.mini import Featurizer, candidate_mask, extract_inputs
+from .models.mini import Featurizer, MiniBackend, candidate_mask, extract_inputs
+from .report import ci_rows, paired_gain_ci
 
 EXPERIMENT = "04_representations"
 TEXT_DIM = E5Embedder.dim
@@ -674,3 +675,72 @@ def versus_joint(metrics: pd.DataFrame, seesaw_metrics: pd.DataFrame) -> pd.Data
             rows.append({"variant": v, "split": split, "task": task, "knn_f1": val,
                          "joint_f1": jm, "joint_seeds": int(jn), "knn − joint": val - jm})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------- uses in the results table
+
+#: Variant name of the retrieval-augmented large model in notebook 04's metrics.
+RETRIEVAL_VARIANT = "model+retrieval"
+
+
+def retrieval_model_predictions(cfg: Profile, train_records: Sequence[Record],
+                                tests: dict[str, Sequence[Record]], *, seed: int,
+                                cache: FeatureCache | None = None, progress: bool = True
+                                ) -> tuple[pd.DataFrame, dict]:
+    """The ``mini`` joint fine-tune of notebook 01 (whole training set, same seed and
+    hyper-parameters) with the neighbour-label block (``MiniCfg.retrieval``), scored on every
+    test split. Returns (predictions: variant, split, id, task, gold, pred; fit info: the
+    retriever's k, out-of-fold F1 by k, seconds)."""
+    if cfg.backend != "mini":
+        raise ValueError(f"profile {cfg.name!r}: retrieval-augmented prediction is built for the "
+                         "mini backend only (the paper form puts neighbours in the prompt)")
+    rcfg = replace(cfg, mini=replace(cfg.mini, retrieval=True))
+    model = MiniBackend(rcfg, progress=progress, retriever=NeighbourVotes(rcfg, cache))
+    t0 = time.perf_counter()
+    model.fit(list(train_records), mix="joint", seed=seed)
+    frames = []
+    for split, recs in tests.items():
+        p = model.predict_proba(list(recs))
+        frames.append(pd.DataFrame({"variant": RETRIEVAL_VARIANT, "split": split, "id": p.ids,
+                                    "task": p.tasks, "gold": p.gold, "pred": p.pred}))
+    info = {**model.retriever.info, "fit_and_predict_s": time.perf_counter() - t0}
+    return pd.concat(frames, ignore_index=True), info
+
+
+def versus_joint_rows(preds: pd.DataFrame, seesaw_preds: pd.DataFrame, *, seed: int,
+                      n_boot: int = 1000) -> list[dict]:
+    """Rows of the results table for the representation uses (``preds``: variant, split, id,
+    task, gold, pred — the kNN votes ``knn_<variant>`` and ``model+retrieval``) beside
+    notebook 01's joint fine-tune of the same seed (its ``predictions.csv``), on the labelled
+    test records: weighted F1 with bootstrap CI rows per variant (the joint as ``01:joint``)
+    and ``gain_vs_joint`` (+ ``_lo``/``_hi``), the paired bootstrap gain over the joint
+    (:func:`~kdsl_utils.report.paired_gain_ci`, the same resampled records for both)."""
+    j = seesaw_preds[(seesaw_preds.variant == "joint") & (seesaw_preds.seed == seed)]
+    if j.empty:
+        raise ValueError(f"notebook 01 has no joint predictions for seed {seed}")
+    rows: list[dict] = []
+    ids = {"experiment": EXPERIMENT, "seed": seed}
+    for split, g in preds[preds.gold.notna()].groupby("split"):
+        base = j[j.split == split].set_index("id").pred
+        if base.empty:
+            continue
+        first = g[g.variant == g.variant.iloc[0]]
+        gold, tasks = list(first.gold), list(first.task)
+        jp = list(base.loc[list(first.id)])
+        rows += metric_rows(gold, jp, tasks, variant="01:joint", split=split, **ids)
+        rows += ci_rows(gold, jp, tasks, n_boot=n_boot, boot_seed=seed, variant="01:joint",
+                        split=split, **ids)
+        for variant, gv in g.groupby("variant"):
+            gv = gv.set_index("id").loc[list(first.id)]
+            pred = list(gv.pred)
+            if variant == RETRIEVAL_VARIANT:  # kNN rows are written by run_representations
+                rows += metric_rows(gold, pred, tasks, variant=variant, split=split, **ids)
+            rows += ci_rows(gold, pred, tasks, n_boot=n_boot, boot_seed=seed, variant=variant,
+                            split=split, **ids)
+            ci = paired_gain_ci(label_indices(gold), label_indices(pred), label_indices(jp), tasks,
+                                n_boot=n_boot, seed=seed)
+            rows += [{**ids, "variant": variant, "split": split, "task": r.task,
+                      "metric": f"gain_vs_joint{sfx}", "value": float(r[col])}
+                     for _, r in ci.iterrows() for sfx, col in (("", "gain"), ("_lo", "lo"),
+                                                                 ("_hi", "hi"))]
+    return rows

@@ -8,14 +8,17 @@ which side of the recipe must carry it.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from kdsl_utils import report
 from kdsl_utils import representations as R
 from kdsl_utils.config import ConfigError, ReprCfg, resolve
 from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS, LABEL_INDEX, LABELS
 from kdsl_utils.data.records import Record
 from kdsl_utils.models import mini as M
+from kdsl_utils.metrics import metric_rows
 from kdsl_utils.models.registry import make_backend
 from kdsl_utils.rules.engine import RuleEngine, build_observables
 from kdsl_utils.rules.propose import DataProposer
@@ -256,3 +259,44 @@ def test_nearest_label_observable_in_rules_and_proposer():
     # the data-driven miner proposes it where it discriminates (here: the only signal)
     rules = DataProposer(obs, min_support=2).propose(a, k=3)
     assert any(c.field == "nearest_label" for r in rules for c in r.conditions)
+
+
+def test_versus_joint_rows_and_the_representation_table():
+    rng = np.random.default_rng(0)
+    labs = [("image", lab) for lab in IMAGE_LABELS[:4]] + [("intent", lab) for lab in INTENT_LABELS[:4]]
+    n = 80
+    gold = [labs[i % 8] for i in range(n)]
+    ids = [f"t{i}" for i in range(n)]
+
+    def noisy(p_right):
+        return [g[1] if rng.random() < p_right else labs[(labs.index(g) + 1) % 4 + 4 * (g[0] == "intent")][1]
+                for g in gold]
+    frame = lambda variant, pred: pd.DataFrame({"variant": variant, "split": "test1", "id": ids,
+                                                "task": [g[0] for g in gold],
+                                                "gold": [g[1] for g in gold], "pred": pred})
+    joint = frame("joint", noisy(0.6)).assign(seed=0)
+    other_seed = frame("joint", [g[1] for g in gold]).assign(seed=1)  # must not be used
+    uses = pd.concat([frame("knn_full", noisy(0.7)), frame(R.RETRIEVAL_VARIANT, noisy(0.8))])
+    uses = uses.sample(frac=1, random_state=0)  # order must not matter: aligned by id
+    rows = pd.DataFrame(R.versus_joint_rows(uses, pd.concat([joint, other_seed]), seed=0, n_boot=200))
+    pooled = rows[rows.task == "pooled"].pivot_table(index="variant", columns="metric", values="value")
+    assert set(pooled.index) == {"01:joint", "knn_full", R.RETRIEVAL_VARIANT}
+    for v in ("knn_full", R.RETRIEVAL_VARIANT):
+        f1 = pooled.loc[v, "weighted_f1"] if v == R.RETRIEVAL_VARIANT else None
+        if f1 is not None:
+            assert np.isclose(pooled.loc[v, "gain_vs_joint"], f1 - pooled.loc["01:joint", "weighted_f1"])
+        assert pooled.loc[v, "gain_vs_joint_lo"] <= pooled.loc[v, "gain_vs_joint_hi"]
+    # the kNN F1 rows come from run_representations; add them and the chosen k as it writes them
+    knn = uses[uses.variant == "knn_full"]
+    m = pd.concat([rows, pd.DataFrame(metric_rows(list(knn.gold), list(knn.pred), list(knn.task),
+                                                  experiment=R.EXPERIMENT, variant="knn_full",
+                                                  seed=0, split="test1")),
+                   pd.DataFrame([{"experiment": R.EXPERIMENT, "variant": "knn_full", "seed": 0,
+                                  "split": "dev", "task": "pooled", "metric": "k_chosen",
+                                  "value": 5.0}])], ignore_index=True)
+    t = report.representation_table(m)
+    assert t.row.str.startswith("knn[k=5]").sum() == 1 and t.row.str.startswith("model+retrieval").sum() == 1
+    assert t.row.iloc[0].startswith("Joint fine-tune") and "Δ test1" in t.columns
+    assert t["Δ test1"].notna().sum() == 2  # the joint has no gain over itself
+    with pytest.raises(ValueError, match="seed 7"):
+        R.versus_joint_rows(uses, joint, seed=7)
