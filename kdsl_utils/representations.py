@@ -61,6 +61,7 @@ import torch
 from sklearn.manifold import TSNE
 from torch import nn
 
+from . import seesaw_files
 from .config import Profile, ReprCfg
 from .data.augment import dialogue_dropout
 from .data.labels import ALL_LABELS, LABEL_INDEX, TASKS, label_indices
@@ -711,11 +712,14 @@ def versus_joint_rows(preds: pd.DataFrame, seesaw_preds: pd.DataFrame, *, seed: 
                       n_boot: int = 1000) -> list[dict]:
     """Rows of the results table for the representation uses (``preds``: variant, split, id,
     task, gold, pred — the kNN votes ``knn_<variant>`` and ``model+retrieval``) beside
-    notebook 01's joint fine-tune of the same seed (its ``predictions.csv``), on the labelled
+    notebook 01's joint fine-tune of the same seed and the epochs schedule (its
+    ``predictions.csv``), on the labelled
     test records: weighted F1 with bootstrap CI rows per variant (the joint as ``01:joint``)
     and ``gain_vs_joint`` (+ ``_lo``/``_hi``), the paired bootstrap gain over the joint
     (:func:`~kdsl_utils.report.paired_gain_ci`, the same resampled records for both)."""
     j = seesaw_preds[(seesaw_preds.variant == "joint") & (seesaw_preds.seed == seed)]
+    if "schedule" in j.columns:  # the joint of the epochs schedule: the plain recipe's row
+        j = j[j.schedule == seesaw_files.EPOCHS]
     if j.empty:
         raise ValueError(f"notebook 01 has no joint predictions for seed {seed}")
     rows: list[dict] = []

@@ -274,11 +274,13 @@ def test_versus_joint_rows_and_the_representation_table():
     frame = lambda variant, pred: pd.DataFrame({"variant": variant, "split": "test1", "id": ids,
                                                 "task": [g[0] for g in gold],
                                                 "gold": [g[1] for g in gold], "pred": pred})
-    joint = frame("joint", noisy(0.6)).assign(seed=0)
-    other_seed = frame("joint", [g[1] for g in gold]).assign(seed=1)  # must not be used
+    joint = frame("joint", noisy(0.6)).assign(seed=0, schedule="epochs")
+    other_seed = frame("joint", [g[1] for g in gold]).assign(seed=1, schedule="epochs")  # unused
+    steps = frame("joint", [g[1] for g in gold]).assign(seed=0, schedule="steps")  # unused
     uses = pd.concat([frame("knn_full", noisy(0.7)), frame(R.RETRIEVAL_VARIANT, noisy(0.8))])
     uses = uses.sample(frac=1, random_state=0)  # order must not matter: aligned by id
-    rows = pd.DataFrame(R.versus_joint_rows(uses, pd.concat([joint, other_seed]), seed=0, n_boot=200))
+    rows = pd.DataFrame(R.versus_joint_rows(uses, pd.concat([joint, other_seed, steps]), seed=0,
+                                            n_boot=200))
     pooled = rows[rows.task == "pooled"].pivot_table(index="variant", columns="metric", values="value")
     assert set(pooled.index) == {"01:joint", "knn_full", R.RETRIEVAL_VARIANT}
     # the paired gain is the difference of the F1s (the kNN F1 rows come from run_representations)
