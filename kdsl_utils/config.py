@@ -139,11 +139,19 @@ class RulesCfg:
 class ReprCfg:
     """NoteLLM-2-style record representations (notebook 04, :mod:`kdsl_utils.representations`).
 
-    ``encoder="features"`` is the CPU recipe (e5 text side, EfficientNet + layout visual
-    side, trained gate and projections) in every profile: the Qwen2-VL mICL encoder of the
-    paper profile is not built yet, so ``paper`` runs this recipe too and says so."""
+    Two encoders, one downstream (kNN, recall@k, the nearest label, the same ablations):
 
-    encoder: str = "features"  # only "features" exists (see above)
+    - ``encoder="qwen_micl"`` (``paper``; ``tiny`` on the random twin, so every line runs in
+      the tests): Qwen2-VL reads the mICL prompt of a record, the visual embedding is the
+      hidden state before the image's compression word, the multimodal one the last
+      token's; late fusion with the vision tower's pooled features; LoRA + gate trained
+      contrastively (:mod:`kdsl_utils.models.qwen_repr`). It reads ``ModelCfg`` (the model
+      named by ``llm``, LoRA, pixels, ``max_length``, dtype) and the ``llm_*`` fields;
+      ``dim``/``epochs``/``batch_size``/``learning_rate``/``dropout`` are the CPU recipe's.
+    - ``encoder="features"`` (``mini``): the CPU recipe (e5 text side, EfficientNet + layout
+      visual side, trained gate and projections over the cached extractors)."""
+
+    encoder: str = "features"  # "features" (CPU recipe) | "qwen_micl" (Qwen2-VL mICL)
     intent_images: bool = True  # OCR + embed the images inside dialogues (their image "word")
     dim: int = 128  # common size of the projected text-side and visual-side embeddings
     epochs: int = 40
@@ -156,6 +164,13 @@ class ReprCfg:
     dialogue_copies: int = 1  # turn-dropout copies per intent record (related pairs)
     k_grid: tuple[int, ...] = (1, 3, 5, 10, 20)  # kNN k, chosen on the dev fold
     recall_ks: tuple[int, ...] = (1, 3, 5, 10, 20)  # recall@k of same-label retrieval
+    # qwen_micl only: the LLM and its contrastive LoRA training (in-batch negatives, so no
+    # gradient accumulation: a batch is llm_batch_size anchors + one related record each)
+    llm: str = "large"  # which ModelCfg model: "large" (7B) | "small" (2B, the cheaper option)
+    llm_epochs: int = 2
+    llm_batch_size: int = 8  # anchors per batch (2x sequences in the forward)
+    llm_learning_rate: float = 1e-4  # LoRA + gate + projection + temperature
+    llm_max_steps: int = -1  # > 0 caps the optimizer steps per variant (smoke runs)
 
 
 @dataclass(frozen=True)
@@ -213,7 +228,8 @@ class Profile:
 
 def _base(name: str) -> Profile:
     if name == "paper":
-        return Profile(name="paper", backend="qwen_vl", device="cuda")
+        return Profile(name="paper", backend="qwen_vl", device="cuda",
+                       repr=ReprCfg(encoder="qwen_micl"))
     if name == "mini":
         # No resize copies in mini: measured, see benchmarks/README.md (augmentation).
         return Profile(name="mini", backend="mini", device="cpu", seeds=(0, 1, 2),
@@ -230,7 +246,8 @@ def _base(name: str) -> Profile:
                            max_steps=8, gradient_checkpointing=False, eval_batch_size=4),
             rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2,
                            init_rules="synthetic_intent.json"),
-            repr=ReprCfg(epochs=3, dim=32, k_grid=(1, 3), recall_ks=(1, 3)),
+            repr=ReprCfg(encoder="qwen_micl", epochs=3, dim=32, k_grid=(1, 3), recall_ks=(1, 3),
+                         llm_epochs=2, llm_batch_size=4, llm_learning_rate=2e-2),
             # the random twin's own rationales are noise (all rejected): the template teacher
             # gives the CoT code paths real targets; the model teacher is run in the tests
             cot=CotCfg(teacher="template", teacher_max_new_tokens=16, epochs=2.0,
