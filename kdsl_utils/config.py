@@ -247,7 +247,7 @@ def _base(name: str) -> Profile:
             rules=RulesCfg(proposer="llm", iterations=4, width=2, depth=2,
                            init_rules="synthetic_intent.json"),
             repr=ReprCfg(encoder="qwen_micl", epochs=3, dim=32, k_grid=(1, 3), recall_ks=(1, 3),
-                         llm_epochs=2, llm_batch_size=4, llm_learning_rate=2e-2),
+                         llm_epochs=2, llm_batch_size=4, llm_learning_rate=3e-3),
             # the random twin's own rationales are noise (all rejected): the template teacher
             # gives the CoT code paths real targets; the model teacher is run in the tests
             cot=CotCfg(teacher="template", teacher_max_new_tokens=16, epochs=2.0,
