@@ -32,11 +32,22 @@ layer's update is never materialised when it is low-rank:
   are taken block by block of rows in float64, so no float64 copy of a whole layer is made.
 
 Inputs are mappings ``name -> update`` with equal keys and shapes, one per run.
+
+**Task-disjoint and shared input blocks.** A block of weights that only one task's inputs
+reach (mini: the rows of the OCR n-gram embedding, read by image records only; the columns
+of the dialogue embedding, read by intent records only) gets gradient from that task alone,
+so the other single-task run leaves it unchanged (up to weight decay) and ``cos_img_int`` is
+≈ 0 there *by construction*, not because the tasks learned to stay apart. Mixed into the
+``ALL`` row such blocks pull it towards 0. Given ``inputs`` (``Backend.update_inputs``:
+the tasks whose inputs reach each block), :func:`interference_table` labels every row with
+its group (``image only``, ``intent only``, ``both tasks``) and adds one total row per group
+(``ALL[inputs: both tasks]`` ...) before ``ALL``: the interference of shared weights is read
+on the ``both tasks`` row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -45,6 +56,8 @@ import pandas as pd
 
 ROWS_PER_BLOCK = 1024  # dense products in float64 blocks of this many rows (bounded memory)
 RUNS = ("img", "int", "joint")
+TOTAL = "ALL"  # the layer name of the row over all layers
+SHARED = "both tasks"  # input group of a block both tasks' inputs reach
 
 
 def _np64(x) -> np.ndarray:
@@ -186,20 +199,48 @@ def compare(d_img: Update, d_int: Update, d_joint: Update) -> dict[str, float]:
     return stats_from_gram(gram((d_img, d_int, d_joint)))
 
 
-def interference_table(d_img: Mapping, d_int: Mapping, d_joint: Mapping) -> pd.DataFrame:
-    """One row per layer (parameter name) plus an ``ALL`` row over all layers together.
+def input_group(tasks: Collection[str]) -> str:
+    """The group of a block from the tasks whose inputs reach it: ``"<task> only"``,
+    :data:`SHARED` (``"both tasks"``) or ``"no task"`` (a block no input reaches)."""
+    tasks = sorted(set(tasks))
+    if not tasks:
+        return "no task"
+    return f"{tasks[0]} only" if len(tasks) == 1 else SHARED
 
-    Streams layer by layer: only the 3 × 3 Gram matrices are kept (``ALL`` = their sum)."""
+
+def group_row(group: str) -> str:
+    """The layer name of the total row of one input group, e.g. ``ALL[inputs: both tasks]``."""
+    return f"{TOTAL}[inputs: {group}]"
+
+
+def interference_table(d_img: Mapping, d_int: Mapping, d_joint: Mapping,
+                       inputs: Mapping[str, Collection[str]] | None = None) -> pd.DataFrame:
+    """One row per layer (parameter name or input block) plus an ``ALL`` row over all
+    layers together.
+
+    ``inputs`` (layer -> tasks whose inputs reach it, e.g. ``Backend.update_inputs()``) adds
+    an ``inputs`` column (:func:`input_group`) and, before ``ALL``, one total row per group
+    present (:func:`group_row`; order: one-task groups, then shared, then unreached).
+    Streams layer by layer: only the 3 × 3 Gram matrices are kept (totals = their sums)."""
     names = list(d_joint)
     if set(names) != set(d_img) or set(names) != set(d_int):
         raise ValueError("the three update dicts must have the same parameter names")
-    rows, total = [], np.zeros((3, 3))
+    if inputs is not None and set(names) - set(inputs):
+        raise ValueError(f"inputs lacks layers {sorted(set(names) - set(inputs))[:5]}")
+    rows, total, by_group = [], np.zeros((3, 3)), {}
     for n in names:
         ups = (d_img[n], d_int[n], d_joint[n])
         if not (_shape(ups[0]) == _shape(ups[1]) == _shape(ups[2])):
             raise ValueError(f"{n}: update shapes differ {[_shape(u) for u in ups]}")
         g = gram(ups)
         total += g
-        rows.append({"layer": n, **stats_from_gram(g)})
-    rows.append({"layer": "ALL", **stats_from_gram(total)})
+        row = {"layer": n, **stats_from_gram(g)}
+        if inputs is not None:
+            row["inputs"] = input_group(inputs[n])
+            by_group[row["inputs"]] = by_group.get(row["inputs"], 0.0) + g
+        rows.append(row)
+    order = sorted(by_group, key=lambda k: (k == "no task", k == SHARED, k))
+    rows += [{"layer": group_row(k), **stats_from_gram(by_group[k]), "inputs": k} for k in order]
+    rows.append({"layer": TOTAL, **stats_from_gram(total),
+                 **({"inputs": "all"} if inputs is not None else {})})
     return pd.DataFrame(rows)

@@ -21,6 +21,8 @@ from matplotlib import font_manager  # noqa: E402
 from . import fonts  # noqa: E402
 from .data.images import load_rgb  # noqa: E402
 from .results import atomic_path, read_metrics, read_table  # noqa: E402
+from .seesaw_files import (EPOCHS, FIGURE_FILE, INTERFERENCE_FIGURE_FILE,  # noqa: E402
+                           INTERFERENCE_FILE, SCHEDULES, with_schedule)
 
 
 def setup_matplotlib_cjk() -> str:
@@ -106,51 +108,66 @@ def save(fig: plt.Figure, path: Path | str) -> Path:
 
 
 def seesaw(metrics: pd.DataFrame, metric: str = "weighted_f1", title: str = "") -> plt.Figure:
-    """The paper's Figure 1 analogue: single-task vs joint fine-tune, per task and test split.
+    """The paper's Figure 1 analogue: single-task vs joint fine-tune, per task and test split,
+    one row of panels per training schedule (epoch-matched, then step-matched where the
+    metrics hold it; :mod:`kdsl_utils.seesaw_files`).
 
-    ``metrics``: tidy rows (metrics.csv) with variants ``image``, ``intent``, ``joint``;
-    bars are means over seeds, error bars their standard deviation (none for one seed).
+    ``metrics``: notebook 01's tidy rows (metrics.csv) with variants ``image``, ``intent``,
+    ``joint`` (and ``image[steps]`` ...); bars are means over seeds, error bars their
+    standard deviation (none for one seed).
     """
     style()
-    m = metrics[(metrics.metric == metric) & metrics.task.isin(["image", "intent"])
-                & metrics.variant.isin(["image", "intent", "joint"])].copy()
+    m = with_schedule(metrics)
+    m = m[(m.metric == metric) & m.task.isin(["image", "intent"])
+          & m.variant.isin(["image", "intent", "joint"])].copy()
     m["training"] = np.where(m.variant == "joint", "joint (both tasks)", "single task")
     splits = sorted(m.split.unique())
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.2), squeeze=False,
-                             sharey=True)
-    for ax, split in zip(axes[0], splits):
-        sub = m[m.split == split]
-        sns.barplot(data=sub, x="task", y="value", hue="training", order=["image", "intent"],
-                    hue_order=["single task", "joint (both tasks)"], errorbar="sd", capsize=0.1,
-                    ax=ax)
-        for c in ax.containers:
-            ax.bar_label(c, fmt="%.3f", padding=2, fontsize=8)
-        n_seeds = sub.seed.nunique()
-        ax.set_title(f"{split} · {n_seeds} seed{'s' if n_seeds > 1 else ''}")
-        ax.set_xlabel("task")
-        ax.set_ylabel(metric.replace("_", " "))
-        ax.set_ylim(0, 1.05)
+    schedules = [s for s in SCHEDULES if (m.schedule == s).any()]
+    fig, axes = plt.subplots(len(schedules), len(splits), squeeze=False, sharey=True,
+                             figsize=(5.5 * len(splits), 4.2 * len(schedules)))
+    for row, schedule in zip(axes, schedules):
+        for ax, split in zip(row, splits):
+            sub = m[(m.split == split) & (m.schedule == schedule)]
+            sns.barplot(data=sub, x="task", y="value", hue="training", order=["image", "intent"],
+                        hue_order=["single task", "joint (both tasks)"], errorbar="sd",
+                        capsize=0.1, ax=ax)
+            for c in ax.containers:
+                ax.bar_label(c, fmt="%.3f", padding=2, fontsize=8)
+            n_seeds = sub.seed.nunique()
+            matched = "epoch-matched" if schedule == EPOCHS else "step-matched"
+            ax.set_title(f"{split} · {matched} · {n_seeds} seed{'s' if n_seeds > 1 else ''}")
+            ax.set_xlabel("task")
+            ax.set_ylabel(metric.replace("_", " "))
+            ax.set_ylim(0, 1.05)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
 def interference(table: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Per-layer interference statistics (see ``kdsl_utils.interference``), mean ± sd over seeds.
+    """Per-layer interference statistics (see ``kdsl_utils.interference``), mean ± sd over
+    seeds; one panel per schedule where the table has a ``schedule`` column. Layers include
+    the input blocks and their group totals (``ALL[inputs: ...]``).
 
-    ``table``: columns layer, seed, cos_img_int, r2_img, r2_int, r2_both.
+    ``table``: columns layer, seed, cos_img_int, r2_img, r2_int, r2_both (, schedule).
     """
     style()
     cols = ["cos_img_int", "r2_img", "r2_int", "r2_both"]
-    long = table.melt(id_vars=["layer", "seed"], value_vars=cols, var_name="statistic")
+    table = table if "schedule" in table else table.assign(schedule=EPOCHS)
+    schedules = [s for s in SCHEDULES if (table.schedule == s).any()]
     layers = list(dict.fromkeys(table.layer))
-    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(layers) * 2), 4.5))
-    sns.barplot(data=long, x="layer", y="value", hue="statistic", order=layers, errorbar="sd", ax=ax)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.legend(title="statistic", bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.set_ylabel("cosine / share of joint update explained")
-    ax.tick_params(axis="x", rotation=60)
-    ax.set_title(title)
+    fig, axes = plt.subplots(len(schedules), 1, squeeze=False, sharex=True,
+                             figsize=(max(7, 0.55 * len(layers) * 2), 4.5 * len(schedules)))
+    for ax, schedule in zip(axes[:, 0], schedules):
+        long = table[table.schedule == schedule].melt(id_vars=["layer", "seed"], value_vars=cols,
+                                                      var_name="statistic")
+        sns.barplot(data=long, x="layer", y="value", hue="statistic", order=layers,
+                    errorbar="sd", ax=ax)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.legend(title="statistic", bbox_to_anchor=(1.01, 1), loc="upper left")
+        ax.set_ylabel("cosine / share of joint update explained")
+        ax.set_title(f"{title} · {'epoch' if schedule == EPOCHS else 'step'}-matched".lstrip(" ·"))
+        ax.tick_params(axis="x", rotation=60)
     fig.tight_layout()
     return fig
 
@@ -182,10 +199,10 @@ def report_figures(paths: Mapping[str, Path], fig_dir: Path | str, label: str) -
     made = []
     if "01_seesaw" in paths:
         m01 = read_metrics(Path(paths["01_seesaw"]) / "metrics.csv")
-        made.append(save(seesaw(m01, title=f"Seesaw ({label})"), fig_dir / "seesaw.png"))
-        inter = read_table(Path(paths["01_seesaw"]) / "interference.csv", ["layer"])
+        made.append(save(seesaw(m01, title=f"Seesaw ({label})"), fig_dir / FIGURE_FILE))
+        inter = read_table(Path(paths["01_seesaw"]) / INTERFERENCE_FILE, ["layer"])
         made.append(save(interference(inter, title=f"Interference ({label})"),
-                         fig_dir / "interference.png"))
+                         fig_dir / INTERFERENCE_FIGURE_FILE))
     if "02_mcts_rules" in paths:
         it = read_table(Path(paths["02_mcts_rules"]) / "iterations.csv", ["best_reward"])
         made.append(save(search_curve(it, title=f"MCTS ({label})"), fig_dir / "search_curve.png"))

@@ -21,7 +21,8 @@ import pandas as pd
 
 from .data.labels import TASKS
 from .metrics import bootstrap_ci, weighted_f1_idx
-from .results import ResultsFileError, atomic_write, read_metrics, read_run_json
+from .results import ResultsFileError, atomic_write, read_metrics, read_run_json, read_table
+from .seesaw_files import FIGURE_FILE, FITS_FILE, SCHEDULES, schedule_label, with_schedule
 
 #: Display names and order of the results table's rows (variant → name). Variants of
 #: notebook 01 carry the prefix ``01:``.
@@ -267,14 +268,24 @@ def find_runs(results_root: Path | str, include_smoke: bool = False) -> pd.DataF
     return out
 
 
-def seesaw_gain(metrics01: pd.DataFrame) -> pd.DataFrame:
-    """Joint minus single-task weighted F1 per split and task (mean over seeds)."""
-    w = metrics01[(metrics01.metric == "weighted_f1") & metrics01.task.isin(["image", "intent"])]
-    single = w[w.variant.isin(["image", "intent"])].groupby(["split", "task"]).value.mean()
-    joint = w[w.variant == "joint"].groupby(["split", "task"]).value.mean()
-    n = w.groupby(["split", "task"]).seed.nunique()
-    return pd.DataFrame({"single-task": single.round(4), "joint": joint.round(4),
-                         "joint − single": (joint - single).round(4), "seeds": n}).reset_index()
+def seesaw_gain(metrics01: pd.DataFrame, fits01: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Joint minus single-task weighted F1 per training schedule, split and task (mean over
+    seeds). The ``schedule`` column names the row: epoch- or step-matched, with each mix's
+    optimizer steps and epochs where ``fits01`` (notebook 01's ``fits.csv``) is given
+    (:func:`~kdsl_utils.seesaw_files.schedule_label`)."""
+    m = with_schedule(metrics01)
+    w = m[(m.metric == "weighted_f1") & m.task.isin(["image", "intent"])]
+    out = []
+    for schedule in [s for s in SCHEDULES if (w.schedule == s).any()]:
+        ws = w[w.schedule == schedule]
+        single = ws[ws.variant.isin(["image", "intent"])].groupby(["split", "task"]).value.mean()
+        joint = ws[ws.variant == "joint"].groupby(["split", "task"]).value.mean()
+        n = ws.groupby(["split", "task"]).seed.nunique()
+        out.append(pd.DataFrame({"single-task": single.round(4), "joint": joint.round(4),
+                                 "joint − single": (joint - single).round(4), "seeds": n})
+                   .reset_index().assign(schedule=schedule_label(fits01, schedule)))
+    cols = ["schedule", "split", "task", "single-task", "joint", "joint − single", "seeds"]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
 def time_table(paths: dict[str, Path]) -> pd.DataFrame:
@@ -345,10 +356,14 @@ def readme_section(label: str, paths: Mapping[str, Path], fig_dir: Path | str,
     fig_dir.mkdir(parents=True, exist_ok=True)
     md = [f"### {label}", "", f"Runs of commit {commits_line(dict(paths))}.", ""]
     if "01_seesaw" in paths:
-        gain = seesaw_gain(read_metrics(Path(paths["01_seesaw"]) / "metrics.csv"))
-        md += ["**Seesaw** (notebook 01): weighted F1 of single-task vs joint fine-tuning.", "",
+        p01 = Path(paths["01_seesaw"])
+        fits = read_table(p01 / FITS_FILE, ["schedule", "variant", "steps", "epochs"])
+        gain = seesaw_gain(read_metrics(p01 / "metrics.csv"), fits)
+        md += ["**Seesaw** (notebook 01): weighted F1 of single-task vs joint fine-tuning, "
+               "epoch-matched (every mix the profile's epochs) and step-matched (every mix the "
+               "joint run's optimizer steps).", "",
                to_markdown(gain), "",
-               f"![seesaw]({os.path.relpath(fig_dir, Path(readme_dir))}/seesaw.png)", ""]
+               f"![seesaw]({os.path.relpath(fig_dir, Path(readme_dir))}/{FIGURE_FILE})", ""]
     if "03_collaborative" in paths:
         m03 = read_metrics(Path(paths["03_collaborative"]) / "metrics.csv")
         table = results_table(m03)

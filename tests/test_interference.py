@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kdsl_utils.config import resolve
-from kdsl_utils.interference import Difference, LowRank, compare, inner, interference_table
+from kdsl_utils.interference import (Difference, LowRank, compare, gram, group_row, inner,
+                                     input_group, interference_table, stats_from_gram)
 from kdsl_utils.models.qwen_vl import (
     load_model, lora_deltas, lora_factors, lora_target_regex, prepare_for_finetune)
 from kdsl_utils.models.tiny import tiny_model_dir
@@ -40,6 +41,31 @@ def test_table_per_layer_and_all():
     assert np.allclose(t["a_img"], 0.5) and np.allclose(t["b_int"], 2.0)
     with pytest.raises(ValueError, match="same parameter names"):
         interference_table(img, {"l0": inn["l0"]}, joint)
+
+
+def test_input_groups_are_reported_apart():
+    """With ``inputs``, every row says which tasks' inputs reach it and each group gets its
+    own total (the sum of its layers' Gram matrices), before ALL, which is unchanged."""
+    rng = np.random.default_rng(3)
+    shape = {"ocr": (6, 2), "dialog": (5, 2), "mid": (3, 3)}
+    img = {k: rng.normal(size=s) for k, s in shape.items()}
+    inn = {k: rng.normal(size=s) for k, s in shape.items()}
+    img["dialog"] *= 0.0  # an image-only run never touches the dialogue block ...
+    inn["ocr"] *= 0.0  # ... nor an intent-only run the OCR block
+    joint = {k: img[k] + inn[k] for k in shape}
+    inputs = {"ocr": ("image",), "dialog": ("intent",), "mid": ("image", "intent")}
+    t = interference_table(img, inn, joint, inputs=inputs).set_index("layer")
+    assert list(t.index) == ["ocr", "dialog", "mid", group_row("image only"),
+                             group_row("intent only"), group_row("both tasks"), "ALL"]
+    assert t.loc["ocr", "inputs"] == "image only" and t.loc["ALL", "inputs"] == "all"
+    want = stats_from_gram(gram((img["mid"], inn["mid"], joint["mid"])))
+    assert t.loc[group_row("both tasks"), "cos_img_int"] == pytest.approx(want["cos_img_int"])
+    assert np.isnan(t.loc[group_row("image only"), "cos_img_int"])  # a zero update: no angle
+    plain = interference_table(img, inn, joint).set_index("layer")
+    assert "inputs" not in plain and plain.loc["ALL", "r2_both"] == pytest.approx(t.loc["ALL", "r2_both"])
+    assert input_group(()) == "no task" and input_group(["intent", "image"]) == "both tasks"
+    with pytest.raises(ValueError, match="inputs lacks"):
+        interference_table(img, inn, joint, inputs={"ocr": ("image",)})
 
 
 # --------------------------------------------------------------------------- low-rank form

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
@@ -20,7 +21,7 @@ from kdsl_utils.features import (EXTRACTION_LOG, E5Embedder, EfficientNetEmbedde
                                  OcrParams, RapidOcr, embed_images, embed_texts, ocr_images,
                                  ocr_text)
 from kdsl_utils.models.mini import (SHARED_PREFIXES, MiniBackend, candidate_mask,
-                                    clean_dialog, shared_parameter_delta)
+                                    clean_dialog, shared_parameter_delta, split_by_input_block)
 
 SCENES = {"退款页面": "退款详情 退款金额", "订单详情页面": "订单详情 收货地址",
           "物流页面-物流跟踪页面": "物流跟踪 已签收"}
@@ -213,6 +214,114 @@ def test_task_mixes_share_init_and_trunk_updates(records, cache_dir):
     table = interference_table(deltas["image"], deltas["intent"], deltas["joint"])
     assert list(table["layer"])[-1] == "ALL"
     assert np.isfinite(table["cos_img_int"]).all() and (table["norm_joint"] > 0).all()
+
+
+def test_step_budget_is_taken_exactly(records, cache_dir):
+    """``steps`` trains exactly that many optimizer steps, across epoch boundaries (the last
+    epoch cut), whatever the mix's size; FitLog.steps is the count taken."""
+    cfg = _cfg(mini__batch_size=4)  # joint: 18 records = 5 batches per epoch, image: 3
+    for mix, steps, epochs in (("joint", 7, 7 / 5), ("image", 7, 7 / 3), ("intent", 1, 1 / 3)):
+        log = MiniBackend(cfg, cache_dir, progress=False).fit(records, mix=mix, seed=0, steps=steps)
+        assert log.steps == steps, (mix, log.steps)
+        assert log.extra["epochs"] == pytest.approx(epochs)
+        assert len(log.losses) == -(-steps // (5 if mix == "joint" else 3))  # per (partial) epoch
+    log = MiniBackend(cfg, cache_dir, progress=False).fit(records, mix="image", seed=0)
+    assert log.steps == 15 * 3 and log.extra["epochs"] == 15  # the epochs schedule: 15 x 3
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="steps"):
+            MiniBackend(cfg, cache_dir, progress=False).fit(records, mix="image", seed=0, steps=bad)
+
+
+def test_epoch_run_equals_step_run_of_its_length(fitted, records, cache_dir):
+    """A step budget equal to the epochs schedule's count is the same run, bit for bit (what
+    lets the seesaw list the joint run under both schedules without refitting it)."""
+    b, info = fitted
+    b2 = MiniBackend(_cfg(), cache_dir, progress=False)
+    info2 = b2.fit(records, mix="joint", seed=0, steps=info.steps)
+    assert info2.steps == info.steps == 15 and info2.losses == info.losses
+    for k, v in b.shared_parameters().items():
+        np.testing.assert_array_equal(b2.shared_parameters()[k], v)
+
+
+def test_input_blocks_are_task_disjoint_where_measured(records, cache_dir):
+    """The trunk's update split by input block: OCR / image blocks are reached by image
+    records only, dialogue blocks by intent records only (measured on the joint run), and
+    the other task's run changes such a block by weight decay alone (AdamW: no gradient
+    there, ever), so the blocks' cross-task interference is zero by construction."""
+    from kdsl_utils.interference import group_row, interference_table
+
+    cfg = _cfg()
+    runs = {}
+    for mix in ("image", "intent", "joint"):
+        b = MiniBackend(cfg, cache_dir, progress=False)
+        log = b.fit(records, mix=mix, seed=1)
+        runs[mix] = {"split": b.update_delta(), "whole": shared_parameter_delta(b),
+                     "inputs": b.update_inputs(), "steps": log.steps, "b": b}
+    inputs = runs["joint"]["inputs"]
+    assert {k: v for k, v in inputs.items() if "[" in k} == {
+        "sparse.weight[ocr]": ("image",), "sparse.weight[dialog]": ("intent",),
+        "sparse.weight[last]": ("intent",), "dense.weight[image]": ("image",),
+        "dense.weight[layout]": ("image",), "dense.weight[e5_dialog]": ("intent",)}
+    assert inputs["mid.weight"] == ("image", "intent")
+    assert runs["image"]["inputs"]["mid.weight"] == ("image",)  # a one-task fit sees one task
+    # the blocks tile their layers: the split update is the unsplit one, in views
+    intent = runs["intent"]
+    assert split_by_input_block(intent["whole"], intent["b"].featurizer).keys() == intent["split"].keys()
+    sparse_cols, _ = intent["b"].featurizer.block_slices()
+    np.testing.assert_array_equal(np.concatenate([intent["split"][f"sparse.weight[{k}]"]
+                                                  for k in sparse_cols]), intent["whole"]["sparse.weight"])
+    # the intent-only run's update of an image-only block: pure decoupled weight decay
+    m = cfg.mini
+    decay = 1.0 - (1.0 - m.learning_rate * m.weight_decay) ** intent["steps"]
+    w0 = intent["b"].shared_parameters(initial=True)["sparse.weight"][sparse_cols["ocr"]]
+    # exact up to float32 rounding: at most two roundings (of one ulp of the weight) per step
+    err = np.abs(intent["split"]["sparse.weight[ocr]"] + decay * w0)
+    assert np.all(err <= 2 * intent["steps"] * np.spacing(np.abs(w0))), err.max()
+    assert np.abs(runs["image"]["split"]["sparse.weight[ocr]"]).max() > 1e3 * decay  # learned
+    table = interference_table(*(runs[k]["split"] for k in ("image", "intent", "joint")), inputs=inputs)
+    rows = table.set_index("layer")
+    assert list(table.layer)[-4:] == [group_row("image only"), group_row("intent only"),
+                                      group_row("both tasks"), "ALL"]
+    assert set(table.inputs) == {"image only", "intent only", "both tasks", "all"}
+    for g, other, own in (("image only", "norm_int", "norm_img"), ("intent only", "norm_img", "norm_int")):
+        r = rows.loc[group_row(g)]
+        assert r[other] < 1e-3 * r[own], (g, r[other], r[own])  # the other task: decay only
+    # splitting changes no total: the ALL row equals the unsplit table's
+    whole = interference_table(*(runs[k]["whole"] for k in ("image", "intent", "joint")))
+    cols = ["cos_img_int", "r2_both", "norm_joint"]
+    np.testing.assert_allclose(rows.loc["ALL", cols].astype(float),
+                               whole.set_index("layer").loc["ALL", cols].astype(float), rtol=1e-9)
+
+
+def test_seesaw_step_matched_control(records, cache_dir, tmp_path):
+    """run_seesaw on mini: under ``steps`` every mix takes the joint run's step count (the
+    single-task runs refit, the joint run listed under both), rows tagged by schedule, the
+    metrics' variants named by schedule, the interference analysed per schedule by block."""
+    from kdsl_utils import report, seesaw, seesaw_files
+
+    cfg = _cfg(mini__batch_size=4)  # image / intent: 3 batches per epoch, joint: 5
+    tests = {"test1": records}
+    run = seesaw.run_seesaw(cfg, records, tests, seeds=[0],
+                            backend_kwargs={"cache_dir": cache_dir, "progress": False})
+    f = run.fits.set_index(["schedule", "variant"])
+    assert f.steps["epochs"].to_dict() == {"image": 45, "intent": 45, "joint": 75}
+    assert run.budgets == {0: 75} and f.steps["steps"].to_dict() == {"image": 75, "intent": 75, "joint": 75}
+    assert f.reused["steps"].to_dict() == {"image": False, "intent": False, "joint": True}
+    assert f.epochs["steps"].to_dict() == {"image": 25.0, "intent": 25.0, "joint": 15.0}
+    p = run.predictions
+    assert p.groupby(["schedule", "variant"]).size().to_dict() == {
+        (s, v): 18 if v in ("joint", "single_pair") else 9
+        for s in ("epochs", "steps") for v in ("image", "intent", "joint", "single_pair")}
+    metrics = seesaw.metrics_from_predictions(p, "01_seesaw")
+    assert {"joint", "joint[steps]", "single_pair[steps]", "image[steps]"} <= set(metrics.variant)
+    assert set(run.interference.schedule) == {"epochs", "steps"}
+    assert (run.interference.layer == "ALL[inputs: image only]").sum() == 2
+    paths = seesaw.save_run(run, tmp_path)
+    fits = pd.read_csv(paths["fits"])
+    gain = report.seesaw_gain(metrics, fits)
+    assert len(gain) == 2 * 2 and gain.schedule.str.startswith(("epoch-matched", "step-matched")).all()
+    assert "step-matched (steps: image 75, intent 75, joint 75; epochs: image 25.0" in gain.schedule.iloc[-1]
+    assert seesaw_files.FITS_FILE == paths["fits"].name
 
 
 def test_components_can_be_switched_off(records, cache_dir):

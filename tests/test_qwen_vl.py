@@ -923,9 +923,12 @@ def test_plans_are_a_cached_datasets_table(base, train_set, tmp_path, monkeypatc
 
 
 def test_seesaw_runner_holds_one_model_at_a_time(train_set, held, cache, monkeypatch):
-    """Every fit of run_seesaw starts with the previous backend (and its model) gone."""
+    """Every fit of run_seesaw starts with the previous backend (and its model) gone; the
+    step-matched schedule trains every mix for the joint run's steps (the Trainer's
+    max_steps), refitting only the mixes whose epoch run took fewer."""
     import gc
     import weakref
+    from dataclasses import replace
 
     from kdsl_utils import seesaw
 
@@ -939,9 +942,42 @@ def test_seesaw_runner_holds_one_model_at_a_time(train_set, held, cache, monkeyp
         return b
 
     monkeypatch.setattr(seesaw, "make_backend", tracked)
-    run = seesaw.run_seesaw(CFG, train_set, {"test1": _pick(held, 1, 1)}, seeds=[0])
-    assert made == [0, 0, 0], made
-    assert set(run.fits.variant) == {"image", "intent", "joint"} and len(run.deltas) == 3
+    cfg = replace(CFG, train=replace(CFG.train, max_steps=-1))  # 1 epoch of batches of 2
+    run = seesaw.run_seesaw(cfg, train_set, {"test1": _pick(held, 1, 1)}, seeds=[0])
+    assert made == [0] * 5, made  # 3 epoch runs + image and intent refit under steps
+    steps = run.fits.set_index(["schedule", "variant"]).steps
+    assert steps["epochs"].to_dict() == {"image": 2, "intent": 2, "joint": 4}
+    assert run.budgets == {0: 4} and steps["steps"].to_dict() == {"image": 4, "intent": 4, "joint": 4}
+    reused = run.fits.set_index(["schedule", "variant"]).reused
+    assert reused["steps"].to_dict() == {"image": False, "intent": False, "joint": True}
+    assert run.fits.set_index(["schedule", "variant"]).epochs["steps"].to_dict() == {
+        "image": 2.0, "intent": 2.0, "joint": 1.0}
+    inter = run.interference
+    assert set(inter.schedule) == {"epochs", "steps"} and inter.layer.eq("ALL").sum() == 2
+    assert set(inter.inputs) == {"both tasks", "all"}  # every LoRA layer reads both tasks
+    assert set(run.predictions.schedule) == {"epochs", "steps"}
+
+
+def test_step_budget_trains_exactly(train_set, cache):
+    """``fit(steps=N)``: the Trainer takes exactly N optimizer steps whatever the mix's size
+    and the profile's max_steps cap (here 2.5 epochs of the 4 image records)."""
+    log = QwenVLBackend(CFG, cache_dir=cache).fit(train_set, mix="image", seed=0, steps=5,
+                                                  progress=False)
+    assert log.steps == 5 and len(log.losses) == 5
+    assert log.extra["epochs"] == pytest.approx(2.5) and log.extra["max_steps"] == 5
+    with pytest.raises(ValueError, match="steps"):
+        QwenVLBackend(CFG, cache_dir=cache).fit(train_set, mix="image", seed=0, steps=0)
+    # a budget equal to the epoch schedule's count is the same run (what lets the seesaw
+    # list the joint run under both schedules without refitting it)
+    from dataclasses import replace
+
+    uncapped = replace(CFG, train=replace(CFG.train, max_steps=-1))
+    by_epochs = QwenVLBackend(uncapped, cache_dir=cache).fit(train_set, mix="joint", seed=0,
+                                                             progress=False)
+    by_steps = QwenVLBackend(uncapped, cache_dir=cache).fit(train_set, mix="joint", seed=0,
+                                                            steps=by_epochs.steps, progress=False)
+    assert by_epochs.steps == by_steps.steps == 4
+    np.testing.assert_allclose(by_steps.losses, by_epochs.losses, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- the paths tiny skips

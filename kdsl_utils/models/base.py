@@ -16,6 +16,7 @@ import numpy as np
 
 from ..data.labels import ALL_LABELS, TASKS, label_indices
 from ..data.records import Record
+from ..interference import Update
 
 MIXES = ("image", "intent", "joint")  # task mixes of the seesaw experiment
 
@@ -112,7 +113,18 @@ class Backend(Protocol):
 
     def save(self, path: Path) -> None: ...
 
-    def update_delta(self) -> dict[str, np.ndarray]:
-        """Per-layer weight update of the last ``fit`` (LoRA: ΔW = B·A·scaling; mini: the
-        shared trunk's change), for :mod:`kdsl_utils.interference`."""
+    def update_delta(self) -> dict[str, Update]:
+        """Per-layer (or per input block) weight update of the last ``fit``, for
+        :mod:`kdsl_utils.interference`, in any of its forms: LoRA factors
+        (:class:`~kdsl_utils.interference.LowRank`, ΔW = scaling·B·A), a full fine-tune's
+        (after, before) pair (:class:`~kdsl_utils.interference.Difference`), or a dense
+        array (mini: the shared trunk's change, split by input block)."""
+        ...
+
+    def update_inputs(self) -> dict[str, tuple[str, ...]]:
+        """For each key of :meth:`update_delta`, the tasks whose training inputs reach that
+        block (a block fed by one task's inputs only gets gradient from that task alone: its
+        cross-task interference is zero by construction). Measured on the last ``fit``'s
+        records where the backend can (mini); by construction where it cannot (qwen_vl:
+        every token of both tasks passes every adapted layer)."""
         ...

@@ -134,6 +134,20 @@ def load_finished(output_dir: Path, model, fingerprint: str) -> TrainResult | No
     return TrainResult(**info["result"])
 
 
+def with_step_budget(tcfg: TrainCfg, steps: int | None) -> TrainCfg:
+    """``tcfg`` for a fit of exactly ``steps`` optimizer steps; None: ``tcfg`` unchanged
+    (``epochs``, capped by its ``max_steps`` where > 0). The Trainer's ``max_steps`` > 0
+    overrides ``num_train_epochs``: it passes over the data as often as needed and stops at
+    that step, the learning-rate schedule (warm-up ratio, cosine) spanning the budget. The
+    budget is part of the TrainCfg, hence of :func:`run_fingerprint`, so a checkpoint of
+    another budget is never resumed."""
+    if steps is None:
+        return tcfg
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+    return dataclasses.replace(tcfg, max_steps=steps)
+
+
 def count_trainable(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -268,6 +282,7 @@ def train_sft(
             checkpoint_dir=output_dir if out_dir else None,
             resumed_from=ckpt,
             trainable_params=trainable,
+            extra={"epochs": float(trainer.state.epoch or 0.0)},  # passes over the data
         )
         if out_dir is not None:
             save_finished(Path(output_dir), model, fp, result)

@@ -29,9 +29,12 @@ task-specific, its second layer is fully shared); the head rows of one task's la
 gradient from that task's records (candidate masking), so the head is in effect per task.
 Image-only, intent-only and joint runs use identical hyper-parameters (``MiniCfg``), the
 same featurizer and, for the same seed, the same initial weights, which is what the
-interference analysis (:func:`shared_parameter_delta` + :mod:`kdsl_utils.interference`)
-needs. Training is full-precision AdamW with seeded mini-batches; on CPU it is
-bit-for-bit deterministic for a given seed and thread count.
+interference analysis (:meth:`MiniBackend.update_delta`, the trunk's update split by input
+block, and :meth:`MiniBackend.update_inputs`, which tasks reach each block, for
+:mod:`kdsl_utils.interference`) needs. ``fit`` trains ``MiniCfg.epochs`` epochs or, given
+``steps``, exactly that many optimizer steps (the seesaw's step-matched control). Training
+is full-precision AdamW with seeded mini-batches; on CPU it is bit-for-bit deterministic
+for a given seed and thread count.
 
 Why these components
 --------------------
@@ -205,6 +208,19 @@ class Featurizer:
         keep = (np.abs(x).sum(axis=1) > 0)[:, None]
         return np.where(keep, (x - mu) / sd / scale, 0.0).astype(np.float32)
 
+    def block_slices(self) -> tuple[dict[str, slice], dict[str, slice]]:
+        """Where each fitted block lies in :meth:`transform`'s output: (n-gram blocks ->
+        column range of the CSR matrix, dense blocks -> column range of the dense array)."""
+        sparse_cols, i = {}, 0
+        for name, v in self.vec.items():
+            sparse_cols[name] = slice(i, i + len(v.vocabulary_))
+            i += len(v.vocabulary_)
+        dense_cols, j = {}, 0
+        for name, (mu, _, _) in self.dense_stats.items():
+            dense_cols[name] = slice(j, j + len(mu))
+            j += len(mu)
+        return sparse_cols, dense_cols
+
     @property
     def n_sparse(self) -> int:
         return sum(len(v.vocabulary_) for v in self.vec.values())
@@ -284,6 +300,51 @@ def _batch(xs, xd: np.ndarray, mask: np.ndarray, rows: np.ndarray):
     return idx, off, w, d, torch.from_numpy(mask[rows])
 
 
+def block_inputs(featurizer: Featurizer, xs, xd: np.ndarray,
+                 tasks: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Which tasks' records reach each input block of the trunk (keys as
+    :func:`split_by_input_block`): a task reaches a block when one of its records has a
+    non-zero input there. ``xs``/``xd``: :meth:`Featurizer.transform` of the records,
+    ``tasks``: their tasks. The trunk's other parameters (biases, ``mid``) are reached by
+    every task present."""
+    tk = np.asarray(tasks)
+    present = tuple(t for t in TASKS if (tk == t).any())
+    sparse_cols, dense_cols = featurizer.block_slices()
+    out: dict[str, tuple[str, ...]] = {}
+    if not sparse_cols:
+        out["sparse.weight"] = ()  # placeholder row, never read (n_sparse = 0)
+    for name, cols in sparse_cols.items():
+        reached = []
+        for t in present:
+            sub = xs[tk == t]
+            if np.any((sub.indices >= cols.start) & (sub.indices < cols.stop) & (sub.data != 0)):
+                reached.append(t)
+        out[f"sparse.weight[{name}]"] = tuple(reached)
+    if not dense_cols:
+        out["dense.weight"] = ()  # one all-zero input column (n_dense = 0)
+    for name, cols in dense_cols.items():
+        out[f"dense.weight[{name}]"] = tuple(t for t in present if np.any(xd[tk == t][:, cols]))
+    out.update({k: present for k in ("dense.bias", "mid.weight", "mid.bias")})
+    return out
+
+
+def split_by_input_block(delta: dict[str, np.ndarray], featurizer: Featurizer) -> dict[str, np.ndarray]:
+    """The trunk's update with its input layers split by feature block: the rows of
+    ``sparse.weight`` (one per n-gram) by n-gram block (``sparse.weight[ocr]`` ...), the
+    columns of ``dense.weight`` by dense block (``dense.weight[e5_dialog]`` ...); other
+    parameters as they are. Views, no copies; the blocks' Gram matrices sum to the layer's."""
+    sparse_cols, dense_cols = featurizer.block_slices()
+    out = {}
+    for k, v in delta.items():
+        if k == "sparse.weight" and sparse_cols:
+            out.update({f"{k}[{b}]": v[c] for b, c in sparse_cols.items()})
+        elif k == "dense.weight" and dense_cols:
+            out.update({f"{k}[{b}]": v[:, c] for b, c in dense_cols.items()})
+        else:
+            out[k] = v
+    return out
+
+
 def candidate_mask(records: Sequence[Record]) -> np.ndarray:
     m = np.zeros((len(records), len(ALL_LABELS)), dtype=bool)
     for i, r in enumerate(records):
@@ -307,6 +368,7 @@ class MiniBackend:
         self.model = None
         self.init_state: dict | None = None
         self.meta: dict = {}
+        self._update_inputs: dict[str, tuple[str, ...]] | None = None
 
     # -- features
     def inputs(self, records: Sequence[Record]) -> RawInputs:
@@ -320,7 +382,17 @@ class MiniBackend:
 
     # -- training
     def fit(self, train: Sequence[Record], *, mix: str, seed: int,
-            out_dir: Path | None = None) -> FitLog:
+            out_dir: Path | None = None, steps: int | None = None) -> FitLog:
+        """Train the shared model on ``select_mix(train, mix)``.
+
+        ``steps`` None: ``MiniCfg.epochs`` epochs (``epochs × ceil(n / batch_size)``
+        optimizer steps, so the step count grows with the mix's size); an int: exactly that
+        many optimizer steps, epoch after epoch (a fresh shuffle each), the last one cut
+        where the budget ends. The loss curve has one entry per (possibly partial) epoch;
+        ``FitLog.steps`` counts the steps taken and ``extra["epochs"]`` the passes over the
+        data (steps / batches per epoch)."""
+        if steps is not None and (not isinstance(steps, int) or steps <= 0):
+            raise ValueError(f"steps must be a positive int or None, got {steps!r}")
         t0 = time.perf_counter()
         if self.featurizer is None:
             self.fit_featurizer(train)
@@ -334,14 +406,17 @@ class MiniBackend:
         y = torch.tensor([LABEL_INDEX[r.label] for r in recs])
         t_feat = time.perf_counter() - t0
         with torch_threads(1):
-            losses = self._train(xs, xd, mask, y, seed)
+            losses, taken = self._train(xs, xd, mask, y, seed, steps)
+        per_epoch = -(-len(recs) // self.mcfg.batch_size)  # optimizer steps of one epoch
+        self._update_inputs = block_inputs(self.featurizer, xs, xd, [r.task for r in recs])
         self.meta = {"mix": mix, "seed": seed, "n_train": len(recs),
+                     "steps": taken, "epochs": taken / per_epoch,
+                     "update_inputs": {k: list(v) for k, v in self._update_inputs.items()},
                      "n_by_task": {t: sum(r.task == t for r in recs) for t in TASKS},
                      "n_sparse": self.featurizer.n_sparse, "n_dense": self.featurizer.n_dense,
                      "n_params": sum(p.numel() for p in self.model.parameters())}
-        steps = self.mcfg.epochs * -(-len(recs) // self.mcfg.batch_size)  # epochs x batches
         log = FitLog(mix=mix, seed=seed, n_train=len(recs), wall_s=time.perf_counter() - t0,
-                     losses=tuple(losses), steps=steps, extra={**self.meta, "features_s": t_feat})
+                     losses=tuple(losses), steps=taken, extra={**self.meta, "features_s": t_feat})
         if out_dir is not None:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +424,11 @@ class MiniBackend:
             self.save(out_dir / "model")
         return log
 
-    def _train(self, xs, xd, mask, y, seed: int) -> list[float]:
+    def _train(self, xs, xd, mask, y, seed: int, steps: int | None = None) -> tuple[list[float], int]:
+        """AdamW on seeded mini-batches: ``steps`` optimizer steps, or ``MiniCfg.epochs``
+        full epochs when None (the same batches either way while the budgets agree, so an
+        epoch run and a step run of equal length are the same run bit for bit). Returns the
+        mean loss of each (possibly partial) epoch and the steps taken."""
         m = self.mcfg
         torch.manual_seed(seed)
         self.model = _build_model(self.featurizer.n_sparse, self.featurizer.n_dense,
@@ -359,22 +438,27 @@ class MiniBackend:
                                 weight_decay=m.weight_decay, fused=True)
         gen = torch.Generator().manual_seed(seed)
         n, bs = len(y), m.batch_size
-        losses = []
+        budget = m.epochs * -(-n // bs) if steps is None else steps
+        losses, taken = [], 0
         self.model.train()
-        for _ in range(m.epochs):
+        while taken < budget:
             perm = torch.randperm(n, generator=gen).numpy()
-            tot = 0.0
+            tot, seen = 0.0, 0
             for j in range(0, n, bs):
+                if taken == budget:  # a step budget can end mid-epoch
+                    break
                 rows = perm[j:j + bs]
                 *xb, mb = _batch(xs, xd, mask, rows)
                 loss = torch.nn.functional.cross_entropy(self.model(*xb, mb), y[rows])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                taken += 1
                 tot += loss.item() * len(rows)
-            losses.append(tot / n)
+                seen += len(rows)
+            losses.append(tot / seen)
         self.model.eval()
-        return losses
+        return losses, taken
 
     # -- prediction
     def predict_proba(self, records: Sequence[Record]) -> Predictions:
@@ -424,6 +508,8 @@ class MiniBackend:
         self.model.eval()
         self.init_state = blob["init"]
         self.meta = meta
+        if "update_inputs" in meta:
+            self._update_inputs = {k: tuple(v) for k, v in meta["update_inputs"].items()}
         return self
 
     # -- interference analysis
@@ -434,8 +520,17 @@ class MiniBackend:
                 if k.startswith(SHARED_PREFIXES)}
 
     def update_delta(self) -> dict[str, np.ndarray]:
-        """``Backend.update_delta``: the shared parameters' change during ``fit``."""
-        return shared_parameter_delta(self)
+        """``Backend.update_delta``: the shared parameters' change during ``fit``, the input
+        layers split by feature block (:func:`split_by_input_block`)."""
+        return split_by_input_block(shared_parameter_delta(self), self.featurizer)
+
+    def update_inputs(self) -> dict[str, tuple[str, ...]]:
+        """``Backend.update_inputs``: the tasks whose records of the last ``fit`` reach each
+        block of :meth:`update_delta` (:func:`block_inputs`; measured, not assumed). Only a
+        joint fit sees both tasks; a single-task fit reports its own task everywhere."""
+        if self._update_inputs is None:
+            raise RuntimeError("MiniBackend: fit() or load() first")
+        return dict(self._update_inputs)
 
 
 def shared_parameter_delta(model_after: MiniBackend | dict,

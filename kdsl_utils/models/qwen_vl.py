@@ -44,11 +44,12 @@ from transformers import (AutoTokenizer, BitsAndBytesConfig, Qwen2VLForCondition
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..config import ModelCfg, Profile
+from ..data.labels import TASKS
 from ..data.records import Record
 from ..interference import Difference, LowRank
 from ..threads import torch_threads
 from .base import FitLog, Predictions, select_mix
-from .hf_train import train_sft
+from .hf_train import train_sft, with_step_budget
 from .scoring import ScoreResult, generate_labels, score_records
 from .sft import RecordEncoder, chat_messages, format_answer, format_prompt
 from .tiny import tiny_model_dir
@@ -346,11 +347,16 @@ class QwenVLBackend:
         targets: Mapping[str, str] | None = None,
         callbacks: Sequence[Any] = (),
         fingerprint_extra: str = "",
+        steps: int | None = None,
     ) -> FitLog:
         """Fine-tune the base on ``mix`` of ``train``; returns loss curve, counts, wall time.
 
-        ``targets``, ``callbacks`` and ``fingerprint_extra`` go to :func:`~.hf_train.train_sft`
-        (per-record answer overrides: chain-of-thought post-training)."""
+        ``steps``: None trains the profile's ``TrainCfg`` (its epochs, capped by its
+        ``max_steps``); an int exactly that many optimizer steps
+        (:func:`~.hf_train.with_step_budget`). ``targets``, ``callbacks`` and
+        ``fingerprint_extra`` go to :func:`~.hf_train.train_sft` (per-record answer
+        overrides: chain-of-thought post-training)."""
+        tcfg = with_step_budget(self.cfg.train, steps)
         t0 = time.perf_counter()
         records = select_mix(train, mix)
         if not records:
@@ -368,14 +374,14 @@ class QwenVLBackend:
             self.model,
             self.cfg.model,
             seed=seed,
-            gradient_checkpointing=self.cfg.train.gradient_checkpointing,
+            gradient_checkpointing=tcfg.gradient_checkpointing,
         )
         with torch_threads(self._threads):
             result = train_sft(
                 self.model,
                 self.encoder,
                 records,
-                self.cfg.train,
+                tcfg,
                 seed=seed,
                 out_dir=out_dir,
                 resume=resume,
@@ -394,7 +400,8 @@ class QwenVLBackend:
                    "train_wall_s": result.wall_s, "truncation": result.truncation,
                    "checkpoint_dir": result.checkpoint_dir, "resumed_from": result.resumed_from,
                    "loaded_finished": result.extra.get("loaded_finished"),
-                   "trainable_params": result.trainable_params})
+                   "trainable_params": result.trainable_params,
+                   "epochs": result.extra.get("epochs"), "max_steps": tcfg.max_steps})
         return self.fit_info
 
     def _ensure(self) -> None:
@@ -464,6 +471,16 @@ class QwenVLBackend:
             name: Difference(after=mods[name].weight.detach().to("cpu", copy=True), before=w0)
             for name, w0 in self._base_weights.items()
         }
+
+    def update_inputs(self) -> dict[str, tuple[str, ...]]:
+        """``Backend.update_inputs``, by construction: every adapted layer sits in the
+        language model (or, with the vision tower unfrozen, in the tower, which both tasks'
+        images pass: dialogues carry images too), so both tasks reach every block."""
+        if self.model is None:
+            raise ValueError("no model: fit or load first")
+        names = (lora_factors(self.model) if hasattr(self.model, "peft_config")
+                 else self._base_weights or {})
+        return {name: TASKS for name in names}
 
     # ---- persistence
     def save(self, path: Path) -> None:
