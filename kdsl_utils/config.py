@@ -140,6 +140,7 @@ class RulesCfg:
     llm_weights: str = "qwen2.5-coder-1.5b"  # key of models.small_lm.WEIGHTS
     llm_threads: int = 1  # llama.cpp threads (2 stalled on 2 oversubscribed cores, measured)
     llm_max_tokens: int = 320  # answer budget; the JSON-schema grammar bounds every string
+    llm_max_answers: int = 0  # > 0: answers per LLM proposer (per search; 0 = no cap)
     semantic: bool = True  # the LLM may write semantic conditions (e5 cosine, issue 15 1b)
 
 
@@ -228,9 +229,13 @@ def _base(name: str) -> Profile:
         # gate's power there, measured (benchmarks/gate_power.py, cross-fitted gate, a
         # moderately helpful rule set): 0.77 at 41 records, 0.92 at 69, false positives ~0.2
         # either way; the search keeps ~69 records and the proposer loses ~28 of ~650.
+        # RULES=llm: 12 answers of the CPU small LM per search. One answer took ~90 s on 2
+        # busy cores (measured); uncapped, MCTS asked ~60 times per search (the data miner's
+        # count), i.e. hours for the three LLM searches; capped, the run stays under an hour.
         return Profile(name="mini", backend="mini", device="cpu", seeds=(0, 1, 2),
                        augment=AugmentCfg(image_copies=0),
-                       rules=RulesCfg(proposer="data", holdout_fraction=0.5))
+                       rules=RulesCfg(proposer="data", holdout_fraction=0.5,
+                                      llm_max_answers=12))
     if name == "tiny":
         # A randomly initialised Qwen2-VL twin: every line of the paper path, on CPU, in seconds.
         return Profile(

@@ -135,7 +135,7 @@ def make_proposer(cfg: Profile, teach: Observables, *, kind: str, seed: int,
     if generate is None:
         raise ValueError("the llm proposer needs the small model's generate(prompt) -> str")
     return LLMProposer(generate, train=teach, count_tokens=count_tokens, seed=seed,
-                       semantic=cfg.rules.semantic,
+                       semantic=cfg.rules.semantic, max_answers=cfg.rules.llm_max_answers,
                        answer_cache=default_cache_dir() / "llm_answers")
 
 
