@@ -18,7 +18,11 @@ project's cache. Sections (each prints a markdown table; ``--readme`` also write
    ONNX thread, 1 x 2, 1 x 1) on N images, alternating, each run on a fresh cache: a
    layout's first run includes starting its pool / engine, later runs reuse the ones the
    process keeps (as a notebook's later calls do);
-3. ``--stages N``: the pipeline's stages on N records of train + test1 (all if 0), cold then
+3. ``--engines N``: RapidOCR's inference engines on the default settings, interleaved like
+   ``--levers``: onnxruntime (the project's) against OpenVINO, which is *not* a project
+   dependency (``pip install openvino==2026.4.1`` into a separate ``--target`` and put it on
+   ``PYTHONPATH`` to measure it); OpenVINO with RapidOCR's recognition batch 6 too;
+4. ``--stages N``: the pipeline's stages on N records of train + test1 (all if 0), cold then
    warm: OCR detection / recognition, image and text embeddings, the mini fits of the three
    task mixes, and the rule search of notebook 02.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import os
 import platform
 import sys
@@ -35,8 +40,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rapidocr import EngineType, RapidOCR
 
-from kdsl_utils.features import CACHE_ENV, OcrParams, RapidOcr, ocr_text
+from kdsl_utils.data.images import bgr_array, load_rgb
+from kdsl_utils.features import CACHE_ENV, OcrParams, RapidOcr, ocr_text, rapidocr_params
 from readme_sections import write_section
 
 def md(header: list[str], rows) -> str:
@@ -74,25 +81,30 @@ OCR_VARIANTS = {
     "arena + batch 1 + rec min width 160": OcrParams(mem_arena=True, rec_batch=1, rec_min_width=160),
     "arena + batch 1 + rec min width 96": OcrParams(),  # the default since these measurements
     "arena + batch 6 + rec min width 96": OcrParams(mem_arena=True, rec_batch=6),
+    "default + det max 736": OcrParams(limit_side_len=736),
+    "default + det max 640": OcrParams(limit_side_len=640),
+    "default + det max 1280": OcrParams(limit_side_len=1280),
 }
 
 
-def levers(paths: list[Path], variants: dict[str, OcrParams] = OCR_VARIANTS) -> list[tuple]:
-    names = list(variants)
-    engines = {k: RapidOcr(v) for k, v in variants.items()}
-    for e in engines.values():  # load every session before timing
-        e(paths[0])
+def interleaved(paths: list[Path], runners: dict) -> list[tuple]:
+    """Each image read by every runner in turn (the order rotating per image), so a busy
+    machine slows every runner alike. A runner maps an image path to (detection s,
+    recognition s, text); the first runner's text is the reference. Rows: (name, det
+    s/img, rec s/img, wall s/img, share of identical texts, mean similarity ratio)."""
+    names = list(runners)
+    for run in runners.values():  # load every session before timing
+        run(paths[0])
     acc = {k: {"det": [], "rec": [], "wall": [], "text": []} for k in names}
     for i, p in enumerate(paths):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for k in order:
+        for k in names[i % len(names):] + names[:i % len(names)]:
             t0 = time.perf_counter()
-            res = engines[k](p)
+            det, rec, text = runners[k](p)
             acc[k]["wall"].append(time.perf_counter() - t0)
-            acc[k]["det"].append(engines[k].last_stages["det"])
-            acc[k]["rec"].append(engines[k].last_stages["rec"])
-            acc[k]["text"].append(ocr_text(res))
-        print(f"  levers: image {i + 1}/{len(paths)}", file=sys.stderr, flush=True)
+            acc[k]["det"].append(det)
+            acc[k]["rec"].append(rec)
+            acc[k]["text"].append(text)
+        print(f"  interleaved: image {i + 1}/{len(paths)}", file=sys.stderr, flush=True)
     base = acc[names[0]]["text"]
     rows = []
     for k in names:
@@ -102,6 +114,39 @@ def levers(paths: list[Path], variants: dict[str, OcrParams] = OCR_VARIANTS) -> 
         rows.append((k, float(np.mean(a["det"])), float(np.mean(a["rec"])),
                      float(np.mean(a["wall"])), f"{same:.0%}", float(ratio)))
     return rows
+
+
+def levers(paths: list[Path], variants: dict[str, OcrParams] = OCR_VARIANTS) -> list[tuple]:
+    """:func:`interleaved` over the project's :class:`RapidOcr` with each parameter set."""
+    def runner(engine: RapidOcr):
+        def run(p: Path):
+            res = engine(p)
+            return engine.last_stages["det"], engine.last_stages["rec"], ocr_text(res)
+        return run
+
+    return interleaved(paths, {k: runner(RapidOcr(v)) for k, v in variants.items()})
+
+
+def engines(paths: list[Path]) -> list[tuple]:
+    """:func:`interleaved` over RapidOCR's onnxruntime and OpenVINO engines on the default
+    :class:`OcrParams`, one thread each (OpenVINO only where it is installed)."""
+    base = rapidocr_params(OcrParams())
+    ov = {**base, "Det.engine_type": EngineType.OPENVINO, "Rec.engine_type": EngineType.OPENVINO,
+          "Cls.engine_type": EngineType.OPENVINO, "EngineConfig.openvino.inference_num_threads": 1}
+    variants = {"onnxruntime (default settings)": base, "OpenVINO": ov,
+                "OpenVINO, rec batch 6": {**ov, "Rec.rec_batch_num": 6}}
+    if importlib.util.find_spec("openvino") is None:
+        print("OpenVINO is not installed: only the onnxruntime row is measured", file=sys.stderr)
+        variants = dict(list(variants.items())[:1])
+
+    def runner(engine: RapidOCR):
+        def run(p: Path):
+            out = engine(bgr_array(load_rgb(p)))
+            det, _cls, rec = (float(x or 0.0) for x in [*(out.elapse_list or ()), 0, 0, 0][:3])
+            return det, rec, "\n".join(out.txts or ())
+        return run
+
+    return interleaved(paths, {k: runner(RapidOCR(params=v)) for k, v in variants.items()})
 
 
 def pool_layouts(paths: list[Path], reps: int = 2) -> list[tuple]:
@@ -232,6 +277,15 @@ def f1_with_ocr(data, variant: str, cache_dir: Path, seeds=(0,)) -> list[tuple]:
     return rows
 
 
+def section(a, name: str, title: str, where: str, table: str) -> None:
+    """Print a table under its title and machine line; with ``--readme`` also write it
+    into ``benchmarks/README.md`` between the markers ``name``."""
+    text = f"### {title}\n\n{where}.\n\n{table}"
+    print(text, "\n")
+    if a.readme:
+        write_section(name, text)
+
+
 def main(argv=None) -> int:
     from kdsl_utils.data.mire import load_mire
 
@@ -244,8 +298,11 @@ def main(argv=None) -> int:
     ap.add_argument("--f1", nargs="+", default=None, metavar="VARIANT",
                     help="weighted F1 of mini fits with these OCR_VARIANTS (cache: $KDSL_FEATURE_CACHE)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the --f1 fits")
+    ap.add_argument("--engines", type=int, default=0,
+                    help="compare RapidOCR's onnxruntime and OpenVINO engines on N images")
     ap.add_argument("--pool", type=int, default=0, help="compare process layouts on N images")
     ap.add_argument("--stages", type=int, default=-1, help="stage table on N records (0: all)")
+    ap.add_argument("--tag", default="", help="suffix of the --f1 README section's name")
     ap.add_argument("--readme", action="store_true", help="write the tables to benchmarks/README.md")
     a = ap.parse_args(argv)
     data = load_mire(a.data, test_files=["test1"])
@@ -256,12 +313,18 @@ def main(argv=None) -> int:
         names = a.variants or list(OCR_VARIANTS)
         table = md(["OCR variant", "det s/img", "rec s/img", "wall s/img", "same text",
                     "text similarity"], levers(paths, {k: OCR_VARIANTS[k] for k in names}))
-        text = (f"### OCR levers (`--levers {a.levers} --sample-seed {a.sample_seed}`: "
+        section(a, f"features_speed:levers{a.sample_seed}",
+                f"OCR levers (`--levers {a.levers} --sample-seed {a.sample_seed}`: "
                 f"{len(paths)} real images, interleaved, one process, cold; text compared "
-                f"with the first row)\n\n{where}.\n\n{table}")
-        print(text, "\n")
-        if a.readme:
-            write_section(f"features_speed:levers{a.sample_seed}", text)
+                f"with the first row)", where, table)
+    if a.engines:
+        paths = sample_images(data, a.engines, seed=a.sample_seed)
+        table = md(["engine", "det s/img", "rec s/img", "wall s/img", "same text",
+                    "text similarity"], engines(paths))
+        section(a, f"features_speed:engines{a.sample_seed}",
+                f"OCR inference engines (`--engines {a.engines} --sample-seed {a.sample_seed}`: "
+                f"{len(paths)} real images, interleaved, one process, one thread, cold; text "
+                f"compared with the first row)", where, table)
     if a.pool:
         paths = sample_images(data, a.pool, seed=1)
         table = md(["layout", "wall s/img (mean)", "per run: 1st (start-up) / 2nd (kept pool)"],
@@ -280,7 +343,7 @@ def main(argv=None) -> int:
                 f"\n\n{where}.\n\n{table}")
         print(text, "\n")
         if a.readme:
-            write_section("features_speed:f1", text)
+            write_section(f"features_speed:f1{a.tag}", text)
     if a.stages >= 0:
         with tempfile.TemporaryDirectory(prefix="kdsl-cold-") as tmp:
             rows = stage_times(data, a.stages, Path(tmp))

@@ -71,7 +71,8 @@ import torch
 from kdsl_utils.config import resolve
 from kdsl_utils.data.labels import LABELS
 from kdsl_utils.data.mire import load_split
-from kdsl_utils.data.tokens import image_size, qwen2_tokenizer, smart_resize
+from kdsl_utils.data.images import upright_size
+from kdsl_utils.data.tokens import qwen2_tokenizer, smart_resize
 from kdsl_utils.models import memory_plan as mp
 from kdsl_utils.results import atomic_write
 from kdsl_utils.models import sft
@@ -147,7 +148,7 @@ def data_shapes(data_dir: str, mcfg) -> tuple[Shape, Shape]:
     for r in recs:
         grids = []
         for p in r.images:
-            w, h = image_size(p)
+            w, h = upright_size(p)
             rh, rw = smart_resize(h, w, 28, mcfg.min_pixels, mcfg.max_pixels)
             grids.append((1, rh // 14, rw // 14))
         pieces = sft.format_prompt(r.instruction).split(sft.VISION_PLACEHOLDER)

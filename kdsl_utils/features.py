@@ -190,18 +190,43 @@ class OcrParams:
     The text changes slightly (mean similarity 0.976 with the old settings on the 594 image
     records' screenshots, same line count +-0.01%); the mini results moved within their seed
     spread (seeds 0-2, test1: image-only 0.770 -> 0.789, joint pooled 0.720 -> 0.710, joint
-    image 0.791 -> 0.788). The arena alone gives identical text (32/32 images). A smaller
-    detection size changes the text more (similarity 0.92) for less, so it stays at 960.
+    image 0.791 -> 0.788). The arena alone gives identical text (32/32 images).
+
+    Detection at <= 736 px instead of 960 (measured later on an idle machine, 24 images,
+    ``--levers 24 --sample-seed 4``): detection 0.131 -> 0.072 s and wall 0.415 -> 0.322 s
+    per image (-22%); the text changes (mean similarity 0.90: small print is read less), yet
+    the mini fits on it did not lose (``--f1``, seeds 0-2, test1: image-only 0.789 -> 0.809,
+    joint pooled 0.710 -> 0.717, within the seed spread), so 736 is the default. 640 saves
+    only 0.03 s more. OpenVINO instead of onnxruntime (``--engines``, idle) was 10% faster at
+    960 px (detection only) and no faster at 736 (0.350 vs 0.347 s per image), for a 253 MB
+    dependency, so it is not used.
     """
 
     limit_type: str = "max"
-    limit_side_len: int = 960
+    limit_side_len: int = 736
     use_cls: bool = False  # screenshots are upright; the angle classifier only costs time
     text_score: float = 0.5
     rec_batch: int = 1  # text lines per recognition call (RapidOCR: 6; a batch pads to its widest)
     rec_min_width: int = 96  # px: a batch of 48-px-high line crops is padded to >= this (RapidOCR: 320)
     threads: int = 1  # ONNX intra-op threads per worker process
     mem_arena: bool = True  # onnxruntime's CPU memory arena (RapidOCR turns it off)
+
+
+def rapidocr_params(c: OcrParams) -> dict:
+    """RapidOCR's ``params`` overrides for ``c`` (onnxruntime engine; a benchmark adds
+    other engines' keys to compare them on the same settings)."""
+    return {
+        "Global.log_level": "error",
+        "Global.use_cls": c.use_cls,
+        "Global.text_score": c.text_score,
+        "Det.limit_type": c.limit_type,
+        "Det.limit_side_len": c.limit_side_len,
+        "Rec.rec_batch_num": c.rec_batch,
+        "Rec.rec_img_shape": [3, 48, c.rec_min_width],
+        "EngineConfig.onnxruntime.intra_op_num_threads": c.threads,
+        "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+        "EngineConfig.onnxruntime.enable_cpu_mem_arena": c.mem_arena,
+    }
 
 
 #: One RapidOCR engine (two ONNX sessions) per parameter set and process: loading costs
@@ -248,19 +273,7 @@ class RapidOcr(Extractor):
 
     def _load(self):
         if self.cfg not in _ENGINES:
-            c = self.cfg
-            _ENGINES[self.cfg] = RapidOCR(params={
-                "Global.log_level": "error",
-                "Global.use_cls": c.use_cls,
-                "Global.text_score": c.text_score,
-                "Det.limit_type": c.limit_type,
-                "Det.limit_side_len": c.limit_side_len,
-                "Rec.rec_batch_num": c.rec_batch,
-                "Rec.rec_img_shape": [3, 48, c.rec_min_width],
-                "EngineConfig.onnxruntime.intra_op_num_threads": c.threads,
-                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
-                "EngineConfig.onnxruntime.enable_cpu_mem_arena": c.mem_arena,
-            })
+            _ENGINES[self.cfg] = RapidOCR(params=rapidocr_params(self.cfg))
         return _ENGINES[self.cfg]
 
     def __call__(self, src: str | Path | bytes) -> dict:

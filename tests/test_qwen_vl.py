@@ -208,7 +208,8 @@ def test_planned_visual_tokens_equal_the_processor(base, tmp_path):
     """The planner's token count (image header + transformers' smart_resize) equals what the
     image processor produces, for non-square sizes both ways round (a (w, h) / (h, w) mix-up
     fails here)."""
-    from kdsl_utils.data.tokens import image_size, visual_tokens
+    from kdsl_utils.data.images import upright_size
+    from kdsl_utils.data.tokens import visual_tokens
 
     _, proc, enc = base
     ip = proc.image_processor
@@ -217,7 +218,7 @@ def test_planned_visual_tokens_equal_the_processor(base, tmp_path):
         if w == h:
             continue
         p = _write_img(tmp_path / f"{k}.png", (int(w), int(h)), seed=k)
-        assert image_size(p) == (w, h)
+        assert upright_size(p) == (w, h)
         for lo, hi in ((enc.min_pixels, enc.max_pixels), (4 * 784, 64 * 784)):
             grid = ip(images=[Image.open(p).convert("RGB")],
                       size={"shortest_edge": lo, "longest_edge": hi})["image_grid_thw"]

@@ -11,7 +11,8 @@ import pandas as pd
 
 from .labels import ALL_LABELS, LABEL_TO_TASK
 from .records import LoadReport, Record
-from .tokens import image_size, qwen2_tokenizer, visual_tokens
+from .images import upright_size
+from .tokens import qwen2_tokenizer, visual_tokens
 
 
 def label_counts(splits: Mapping[str, Sequence[Record]]) -> pd.DataFrame:
@@ -47,7 +48,7 @@ def length_table(splits: Mapping[str, Sequence[Record]], min_pixels: int, max_pi
         texts = [r.instruction.replace("<image>", "") for r in recs]
         n_tok = [len(x) for x in tok(texts)["input_ids"]] if tok and texts else [None] * len(recs)
         for r, nt in zip(recs, n_tok):
-            vis = sum(visual_tokens(*image_size(p), min_pixels, max_pixels) for p in r.images)
+            vis = sum(visual_tokens(*upright_size(p), min_pixels, max_pixels) for p in r.images)
             rows.append({"split": split, "id": r.id, "task": r.task, "label": r.label,
                          "n_images": len(r.images), "n_turns": len(r.turns),
                          "chars": len(r.instruction), "dialogue_chars": len(r.dialogue_text),

@@ -15,7 +15,6 @@ import functools
 import importlib.util
 from pathlib import Path
 
-from PIL import Image
 from transformers import AutoTokenizer
 
 # The PIL backend's module: the default one imports torchvision, which CPU installs here lack.
@@ -48,9 +47,3 @@ def visual_tokens(
     factor = patch * merge
     h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return (h // patch) * (w // patch) // (merge * merge)
-
-
-def image_size(path: Path | str) -> tuple[int, int]:
-    """``(width, height)`` in pixels (PIL's order) from the image header, no pixel decoded."""
-    with Image.open(path) as im:
-        return im.size

@@ -59,11 +59,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import load_rgb
+from ..data.images import load_rgb, upright_size
 from ..data.prompts import DIALOGUE_END, DIALOGUE_START
 from ..data.hf import quiet_progress, to_hf_dataset
 from ..data.records import AGENT, IMAGE_TOKEN, USER, Record
-from ..data.tokens import image_size, visual_tokens
+from ..data.tokens import visual_tokens
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -308,7 +308,7 @@ class RecordEncoder:
     def n_image_tokens(self, path: Path, max_pixels: int | None = None) -> int:
         """Visual tokens of the image at ``path`` under ``max_pixels`` (header read once)."""
         if path not in self._size_cache:
-            self._size_cache[path] = image_size(path)
+            self._size_cache[path] = upright_size(path)  # as load_rgb gives it (EXIF)
         w, h = self._size_cache[path]
         return visual_tokens(w, h, self.min_pixels, max_pixels or self.max_pixels,
                              patch=self.patch, merge=self.merge)
