@@ -229,13 +229,14 @@ def _base(name: str) -> Profile:
         # gate's power there, measured (benchmarks/gate_power.py, cross-fitted gate, a
         # moderately helpful rule set): 0.77 at 41 records, 0.92 at 69, false positives ~0.2
         # either way; the search keeps ~69 records and the proposer loses ~28 of ~650.
-        # RULES=llm: 12 answers of the CPU small LM per search. One answer took ~90 s on 2
-        # busy cores (measured); uncapped, MCTS asked ~60 times per search (the data miner's
-        # count), i.e. hours for the three LLM searches; capped, the run stays under an hour.
+        # RULES=llm: 6 answers of the CPU small LM per search. One answer took 90-180 s on 2
+        # oversubscribed cores (measured, load average ~9); uncapped, MCTS asks ~60 times per
+        # search (the data miner's count), i.e. hours for the three LLM searches (MCTS, top-N,
+        # no-augmentation); capped, the run's three searches take ~20-50 minutes.
         return Profile(name="mini", backend="mini", device="cpu", seeds=(0, 1, 2),
                        augment=AugmentCfg(image_copies=0),
                        rules=RulesCfg(proposer="data", holdout_fraction=0.5,
-                                      llm_max_answers=12))
+                                      llm_max_answers=6))
     if name == "tiny":
         # A randomly initialised Qwen2-VL twin: every line of the paper path, on CPU, in seconds.
         return Profile(
