@@ -66,6 +66,21 @@ def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequen
     return log, proba
 
 
+def fit_variants(cfg: Profile, variants: dict[str, Sequence[Record]], score: dict[str, Sequence[Record]], *,
+                 seed: int, out: Path) -> tuple[dict[str, FitLog], dict[str, dict[str, Predictions]]]:
+    """:func:`fit_and_score` for each named training set (``{"kdsl": augmented fit part,
+    "no_aug": fit part}``), one model alive at a time. Each variant's probabilities are saved
+    under ``out`` (:func:`save_probas`); the ``kdsl`` model itself goes to ``out/model``
+    (notebook 03 reloads it for prompt injection). Returns ``({variant: FitLog},
+    {variant: {split: Predictions}})``."""
+    logs, proba = {}, {}
+    for v, train in variants.items():
+        logs[v], proba[v] = fit_and_score(cfg, train, score, seed=seed, out_dir=Path(out) / "work" / v,
+                                          save_to=Path(out) / "model" if v == "kdsl" else None)
+        save_probas(out, proba[v], v)
+    return logs, proba
+
+
 def save_probas(out: Path, proba: dict[str, Predictions], variant: str = "kdsl") -> None:
     for split, p in proba.items():
         save_proba(Path(out) / f"{PROBA_PREFIX[variant]}_{split}.npz", p)
