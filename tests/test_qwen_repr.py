@@ -8,32 +8,23 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import synthetic_mire
 from kdsl_utils import representations as R
 from kdsl_utils.config import resolve
 from kdsl_utils.contrastive import VARIANTS
-from kdsl_utils.data.mire import load_mire
-from kdsl_utils.data.synth import generate_mire
 from kdsl_utils.models import qwen_repr as Q
 from kdsl_utils.models.sft import IMAGE_PAD, VISION_START
 
 # LoRA dropout off: a loss computed twice on one batch is the same number (the step test)
 CFG = resolve("tiny", model__lora_dropout=0.0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def mire(tmp_path_factory):
-    root = generate_mire(tmp_path_factory.mktemp("mire") / "syn", seed=0, per_label=3,
-                         test_per_label=1, test_files=("test1",))
-    return load_mire(root)
+    return synthetic_mire(tmp_path_factory, per_label=3)
 
 
 @pytest.fixture(scope="module")
