@@ -30,11 +30,13 @@ PRODUCTS_ROOT ?= products
 # RULES=llm: the CPU small LM proposes the rules (install it first: `make small-lm`). It is a
 # config override (rules__proposer), so its results get a path of their own. Default: data.
 RULES ?= data
+LLM_OVERRIDES := {"rules__proposer": "llm"}
 ifeq ($(RULES),llm)
-ifneq ($(strip $(OVERRIDES)),)
+# (the recursive make of `reproduce` gets RULES=llm and these very OVERRIDES: not an error)
+ifneq ($(strip $(OVERRIDES)),$(if $(strip $(OVERRIDES)),$(LLM_OVERRIDES),))
 $(error RULES=llm sets OVERRIDES itself; add "rules__proposer": "llm" to your OVERRIDES instead)
 endif
-override OVERRIDES := {"rules__proposer": "llm"}
+override OVERRIDES := $(LLM_OVERRIDES)
 else ifneq ($(RULES),data)
 $(error RULES=$(RULES): use RULES=data (default) or RULES=llm)
 endif

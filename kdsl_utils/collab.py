@@ -14,9 +14,12 @@ that MCTS can optimise exactly what ships:
   large model's prompt (:func:`inject_rules`) and the model scores the labels again.
 
 The strategy is chosen on the held-out part of the dev fold, which the rule search never
-scored (:func:`choose_on_dev`, :func:`ship`), never on a test set; a rule set ships only if
-its chosen strategy beats the model alone there. Per record the output keeps which source
-decided and which rule fired (:func:`decisions`).
+scored (:func:`choose_on_dev`, :func:`ship`), never on a test set. Whether the rules ship is
+decided **out of sample** there too (:func:`gate_gain`): by default K-fold cross-fitting —
+rule trust and the strategy chosen on K-1 folds, the gain scored on the remaining fold, the
+out-of-fold predictions pooled — so the best-of-grid choice (13 strategies) cannot by itself
+make a rule set look useful. Per record the output keeps which source decided and which rule
+fired (:func:`decisions`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .data.labels import ALL_LABELS
 from .data.records import Record
 from .metrics import weighted_f1_idx
 from .rules.engine import CombineFn, RuleResult
-from .rules.mcts import EvalSet, SearchResult
+from .rules.mcts import EvalSet, SearchResult, split_dev, trust
 
 _EPS = 1e-6
 
@@ -120,31 +123,123 @@ def choose_on_dev(proba_dev: np.ndarray, result_dev: RuleResult, y_dev: np.ndarr
     return str(best), table
 
 
-def ship(result: SearchResult, holdout: EvalSet, grid: dict[str, CombineFn] | None = None
+GATES = ("crossfit", "split", "insample")
+
+
+def gate_folds(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Fold number (0..k-1) per record, stratified: records ordered by label (randomly within
+    a label, seeded) and dealt round-robin, so a label's records spread over the folds."""
+    y = np.asarray(y)
+    order = np.lexsort((np.random.default_rng(seed).random(len(y)), y))
+    folds = np.empty(len(y), dtype=np.int64)
+    folds[order] = np.arange(len(y)) % max(1, k)
+    return folds
+
+
+def _prior(rules: Sequence[Any]) -> np.ndarray:
+    """Each rule's precision before the held-out part: its training precision
+    (``provenance['train_stats']``, kept by ``rules.mcts._finalise``), else its stats'."""
+    out = []
+    for r in rules:
+        p = dict(r.provenance.get("train_stats") or {}).get("precision", r.precision)
+        out.append(np.nan if p is None else float(p))
+    return np.array(out, dtype=float)
+
+
+def _choose_then_predict(rules: Sequence[Any], choose: EvalSet, verify: EvalSet,
+                         grid: dict[str, CombineFn], prior: np.ndarray) -> tuple[str, np.ndarray]:
+    """Rule trust measured on ``choose`` (``rules.mcts.trust``), the strategy chosen there,
+    and that strategy's labels on ``verify`` (with the same trust: ``verify``'s gold labels
+    are never read)."""
+    meas = choose.engine.apply(rules, y=choose.y)
+    tr = trust(meas.correct, meas.support, prior) if len(rules) else np.zeros(0)
+    best, _ = choose_on_dev(choose.proba, choose.engine.apply(rules, precision=tr), choose.y, grid)
+    return best, np.asarray(grid[best](verify.proba, verify.engine.apply(rules, precision=tr)))
+
+
+def gate_gain(rules: Sequence[Any], holdout: EvalSet, *, gate: str = "crossfit",
+              folds: int = 5, verify_fraction: float = 0.5, seed: int = 0,
+              grid: dict[str, CombineFn] | None = None) -> tuple[float, pd.DataFrame]:
+    """The held-out weighted-F1 gain (fraction) of the *procedure* "trust the rules, choose a
+    strategy, apply it" over the model alone, and one row per fold (fold, n, strategy chosen
+    without that fold, the fold's own gain).
+
+    * ``crossfit``: ``folds`` stratified folds (:func:`gate_folds`, at most one per record);
+      fold k's labels come from the trust and strategy chosen on the other folds; the gain is
+      F1(out-of-fold labels) − F1(model) over the whole held-out part;
+    * ``split``: chosen on ``1 - verify_fraction`` of it, scored on the rest (stratified);
+    * ``insample``: chosen and scored on the same records (the best-of-grid gain; optimistic).
+
+    Rules whose trust the choice part cannot measure (they never fire there) keep a shrunk
+    copy of their training precision, as :func:`rules.mcts.trust` says."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    grid = grid or strategy_grid()
+    rules, y = list(rules), holdout.y
+    base = weighted_f1_idx(y, holdout.base_pred)
+    prior = _prior(rules)
+    if gate == "insample" or len(y) < 2:  # one record cannot be split: scored in sample
+        best, pred = _choose_then_predict(rules, holdout, holdout, grid, prior)
+        return (weighted_f1_idx(y, pred) - base,
+                pd.DataFrame([{"fold": 0, "n": len(y), "strategy": best,
+                               "gain": weighted_f1_idx(y, pred) - base}]))
+    if gate == "split":
+        c_idx, v_idx = split_dev(y, verify_fraction, seed)
+        if not (len(c_idx) and len(v_idx)):  # no record to choose on or to verify: no evidence
+            return 0.0, pd.DataFrame([{"fold": 0, "n": len(v_idx), "strategy": "model",
+                                       "gain": 0.0}])
+        parts = [(c_idx, v_idx)]
+    else:
+        f = gate_folds(y, min(folds, len(y)), seed)
+        parts = [(np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in np.unique(f)]
+    oof = np.full(len(y), -1, dtype=np.int64)
+    rows = []
+    for k, (c_idx, v_idx) in enumerate(parts):
+        verify = holdout.subset(v_idx)
+        best, pred = _choose_then_predict(rules, holdout.subset(c_idx), verify, grid, prior)
+        oof[v_idx] = pred
+        rows.append({"fold": k, "n": len(v_idx), "strategy": best,
+                     "gain": weighted_f1_idx(verify.y, pred)
+                     - weighted_f1_idx(verify.y, verify.base_pred)})
+    scored = oof >= 0  # split: only the verify part is scored
+    gain = weighted_f1_idx(y[scored], oof[scored]) - weighted_f1_idx(y[scored],
+                                                                     holdout.base_pred[scored])
+    return gain, pd.DataFrame(rows)
+
+
+def ship(result: SearchResult, holdout: EvalSet, grid: dict[str, CombineFn] | None = None, *,
+         gate: str = "crossfit", folds: int = 5, verify_fraction: float = 0.5, seed: int = 0
          ) -> SearchResult:
     """Choose the collaboration strategy for ``result``'s rules on the held-out part of the
     dev fold (rules at their held-out trust, ``rules.mcts.trust``) and ship the rules only if
-    that strategy's weighted F1 there beats the model alone (strictly); otherwise the empty
-    rule set ships (``shipped=False``, strategy ``"model"``). The same function decides for
-    MCTS and top-N, so both get their own strategy by the same procedure.
+    (a) that strategy beats the model alone there and (b) the out-of-sample gain of the
+    choice (:func:`gate_gain` with ``gate``; cross-fitted by default) is positive; otherwise
+    the empty rule set ships (``shipped=False``, strategy ``"model"``). The same function
+    decides for MCTS and top-N, so both get their own strategy by the same procedure.
 
-    The held-out part serves both the choice and the gate, so the gate is optimistic by the
-    best-of-grid selection (13 strategies); it is still out of sample for the search, which
-    is what the search-part gains were not."""
+    ``params``: ``holdout_gain_chosen`` (the gain the gate used), ``holdout_gain_insample``
+    (the chosen strategy's gain on the records it was chosen on), ``gate``, ``gate_folds``
+    (per fold: strategy chosen without it, its gain), ``ungated_strategy``."""
     grid = grid or strategy_grid()
     found = list(result.rules)
     res = holdout.engine.apply(found)  # precision = the rules' stats: held-out trust
     best, table = choose_on_dev(holdout.proba, res, holdout.y, grid)
     base = weighted_f1_idx(holdout.y, holdout.base_pred)
-    gain = float(table.set_index("strategy").loc[best, "dev_weighted_f1"]) - base
+    insample = float(table.set_index("strategy").loc[best, "dev_weighted_f1"]) - base
+    gain, per_fold = (gate_gain(found, holdout, gate=gate, folds=folds,
+                                verify_fraction=verify_fraction, seed=seed, grid=grid)
+                      if found else (0.0, pd.DataFrame(columns=["fold", "n", "strategy", "gain"])))
     table = table.assign(holdout_model_f1=base)
-    ok = bool(found) and gain > 1e-12
+    ok = bool(found) and best != "model" and insample > 1e-12 and gain > 1e-12
     rest = table[table.strategy != "model"]  # for the diagnostic row without the gate
     ungated = str(rest.loc[rest["dev_weighted_f1"].idxmax(), "strategy"])
+    fold_rows = [{"fold": int(r.fold), "n": int(r.n), "strategy": str(r.strategy),
+                  "gain": float(r.gain)} for r in per_fold.itertuples()]
     return dataclasses.replace(result, rules=found if ok else [], found=found, shipped=ok,
                                strategy=best if ok else "model", strategy_table=table,
-                               params={**result.params, "holdout_gain_chosen": gain,
-                                       "ungated_strategy": ungated})
+                               params={**result.params, "holdout_gain_chosen": float(gain),
+                                       "holdout_gain_insample": insample, "gate": gate,
+                                       "gate_folds": fold_rows, "ungated_strategy": ungated})
 
 
 def decisions(proba: np.ndarray, result: RuleResult, final: np.ndarray) -> pd.DataFrame:

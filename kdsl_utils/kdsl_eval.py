@@ -17,6 +17,8 @@ Rows per rule set and split (``metrics.csv`` schema):
 * ``rules[<name>]`` — ``coverage``, ``n_covered``, ``precision_covered`` (rules' precision
   where they fire) and ``model_precision_covered`` (the model's, on the same records);
   ``rules[<name>:found]`` the same for every rule the search found, shipped or not;
+  ``rules[<name>|<kind>]`` / ``rules[<name>:found|<kind>]`` the same for each condition
+  kind's rules alone (:func:`condition_kind`), with ``n_rules``;
 * ``kdsl_ungated[<name>]`` (MCTS sets) — diagnostic: the model with every rule found, the
   ship gate skipped (what the gate withheld; not KDSL).
 """
@@ -38,7 +40,7 @@ from .metrics import metric_rows, weighted_f1_idx
 from .models.base import Predictions
 from .rules.engine import Observables, RuleEngine, RuleResult
 from .rules.mcts import SearchResult
-from .rules.schema import Rule, RuleBase, load_rulebase
+from .rules.schema import FIELDS, KEYWORD_OPS, SEMANTIC_OPS, Rule, RuleBase, load_rulebase
 
 RULE_SETS_FILE = "rule_sets.json"  # notebook 02 -> 03: name -> file, model variant, strategy
 STRATEGIES_FILE = "strategies_{name}.csv"  # the held-out strategy table of each rule set
@@ -126,6 +128,36 @@ def coverage_rows(result: RuleResult, y: np.ndarray, model_pred: np.ndarray,
     return [{**ids, "task": "pooled", "metric": m, "value": v} for m, v in vals]
 
 
+def condition_kind(rule: Rule) -> str:
+    """The kinds of a rule's conditions, joined: ``keyword``, ``regex``, ``numeric`` (image
+    count), ``scene`` (predicted scene labels), ``semantic`` (e5 cosine to the small model's
+    texts); e.g. ``keyword+semantic``."""
+    def one(c) -> str:
+        if c.op in SEMANTIC_OPS:
+            return "semantic"
+        if FIELDS[c.field] in ("numeric", "scene"):
+            return FIELDS[c.field]
+        return "keyword" if c.op in KEYWORD_OPS else "regex"
+    return "+".join(sorted({one(c) for c in rule.conditions}))
+
+
+def kind_coverage_rows(engine: RuleEngine, rules: Sequence[Rule], y: np.ndarray,
+                       model_pred: np.ndarray, name: str, **ids: Any) -> list[dict[str, Any]]:
+    """:func:`coverage_rows` of each condition kind's rules on their own (a decision list of
+    only that kind's rules, in their order), variant ``rules[<name>|<kind>]``, plus
+    ``n_rules`` of the kind: what each kind contributes where it fires."""
+    rows = []
+    by_kind: dict[str, list[Rule]] = {}
+    for r in rules:
+        by_kind.setdefault(condition_kind(r), []).append(r)
+    for kind, sub in sorted(by_kind.items()):
+        v = f"rules[{name}|{kind}]"
+        rows += coverage_rows(engine.apply(sub), y, model_pred, variant=v, **ids)
+        rows.append({**ids, "variant": v, "task": "pooled", "metric": "n_rules",
+                     "value": len(sub)})
+    return rows
+
+
 def predictions(rule_sets: Mapping[str, RuleSet], proba: Mapping[str, Predictions],
                 obs: Observables, fallback: dict[str, int], primary: str
                 ) -> tuple[dict[str, np.ndarray], dict[str, RuleResult]]:
@@ -202,9 +234,11 @@ def test_rows(rule_sets: Mapping[str, RuleSet], proba: Mapping[str, Mapping[str,
                     rows += report.gain_rows(y[lab], preds[v][lab], p_split[rs.variant].pred_idx[lab],
                                              np.asarray(tasks)[lab], n_boot=n_boot, boot_seed=seed,
                                              variant=v, **ids)
+        eng = RuleEngine(obs[split])
         for name, res in results.items():  # "<set>:found" = the rules before the gate
-            rows += coverage_rows(res, y, p_split[rule_sets[name.split(":")[0]].variant].pred_idx,
-                                  variant=f"rules[{name}]", **ids)
+            model_pred = p_split[rule_sets[name.split(":")[0]].variant].pred_idx
+            rows += coverage_rows(res, y, model_pred, variant=f"rules[{name}]", **ids)
+            rows += kind_coverage_rows(eng, res.rules, y, model_pred, name, **ids)
         if main in results:
             decisions.append(collab.decisions(base.proba, results[main], preds["kdsl"])
                              .assign(split=split, label=gold, task=list(tasks)))
@@ -215,7 +249,7 @@ def coverage_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per rule set and split: coverage, records covered, the rules' precision there beside
     the model's on the same records."""
     m = metrics[metrics.variant.str.startswith("rules[") & metrics.metric.isin(
-        ["coverage", "n_covered", "precision_covered", "model_precision_covered"])]
+        ["n_rules", "coverage", "n_covered", "precision_covered", "model_precision_covered"])]
     return m.pivot_table(index=["variant", "split"], columns="metric", values="value").round(3)
 
 
@@ -230,7 +264,9 @@ def search_summary(searches: Mapping[str, tuple[SearchResult, str]]) -> pd.DataF
                      "search F1": f"{res.search_base:.4f} → {res.search_reward:.4f}",
                      "held-out F1 (override)": f"{res.holdout_base:.4f} → "
                                                f"{res.holdout_reward:.4f}",
-                     "held-out gain, chosen strategy": round(
+                     "held-out gain, in sample": round(
+                         res.params.get("holdout_gain_insample", float("nan")), 4),
+                     f"held-out gain, {res.params.get('gate', '?')} (decides)": round(
                          res.params.get("holdout_gain_chosen", float("nan")), 4),
                      "requests": c.get("requests"), "calls": c.get("calls"),
                      "cache hits": c.get("cache_hits"), "tokens": c.get("tokens"),
@@ -242,11 +278,13 @@ def search_summary(searches: Mapping[str, tuple[SearchResult, str]]) -> pd.DataF
 def ship_line(name: str, res: SearchResult) -> str:
     """One sentence on whether a rule set ships, and why."""
     n, gain = len(res.found or ()), res.params.get("holdout_gain_chosen", float("nan"))
+    ins, gate = res.params.get("holdout_gain_insample", float("nan")), res.params.get("gate", "?")
+    how = (f"held-out dev gain {100 * gain:+.2f} points {gate}, {100 * ins:+.2f} in sample")
     if res.shipped:
-        return (f"{name}: {n} rules found, shipped with strategy {res.strategy} "
-                f"(held-out dev gain {100 * gain:+.2f} points)")
-    return (f"{name}: {n} rules found, NOT shipped — no strategy beats the model alone on the "
-            f"held-out dev part (best gain {100 * gain:+.2f} points); the empty rule set ships")
+        return f"{name}: {n} rules found, shipped with strategy {res.strategy} ({how})"
+    return (f"{name}: {n} rules found, NOT shipped — the choice of strategy does not gain over "
+            f"the model alone out of sample on the held-out dev part ({how}); the empty rule "
+            f"set ships")
 
 
 def holdout_check(rs: RuleSet, holdout: Any) -> tuple[float, float]:
@@ -255,6 +293,22 @@ def holdout_check(rs: RuleSet, holdout: Any) -> tuple[float, float]:
     res = holdout.engine.apply(rs.rules)
     return (weighted_f1_idx(holdout.y, rs.predict(holdout.proba, res)),
             weighted_f1_idx(holdout.y, holdout.base_pred))
+
+
+def gate_verdict(rs: RuleSet, holdout: Any, *, gate: str, folds: int, verify_fraction: float,
+                 seed: int) -> bool:
+    """Whether ``collab.ship`` ships ``rs.found`` on ``holdout`` with this gate, recomputed
+    from the rule set as read back from notebook 02's files (the check that the saved verdict
+    is the gate's, not an in-sample one)."""
+    found = list(rs.found)
+    if not found:
+        return False
+    best, table = collab.choose_on_dev(holdout.proba, holdout.engine.apply(found), holdout.y)
+    insample = (float(table.set_index("strategy").loc[best, "dev_weighted_f1"])
+                - weighted_f1_idx(holdout.y, holdout.base_pred))
+    gain, _ = collab.gate_gain(found, holdout, gate=gate, folds=folds,
+                               verify_fraction=verify_fraction, seed=seed)
+    return best != "model" and insample > 1e-12 and gain > 1e-12
 
 
 def best_by_family(table: pd.DataFrame) -> dict[str, str]:
@@ -308,6 +362,9 @@ def search_rows(searches: Mapping[str, tuple[SearchResult, str]], *, experiment:
                          "metric": "weighted_f1", "value": m["value"]})
         for metric, value in (("n_found", len(res.found or ())), ("n_rules", len(res.rules)),
                               ("shipped", float(bool(res.shipped))),
+                              ("holdout_gain_gate", res.params.get("holdout_gain_chosen", 0.0)),
+                              ("holdout_gain_insample",
+                               res.params.get("holdout_gain_insample", 0.0)),
                               ("proposer_calls", res.cost.get("calls", 0)),
                               ("proposer_requests", res.cost.get("requests", 0)),
                               ("search_seconds", res.cost.get("wall_s", 0))):

@@ -10,7 +10,7 @@
    miner in ``mini``).
 4. MCTS searches rule sets whose reward is the dev-search F1 of the collaborative prediction
    (:mod:`kdsl_utils.rules.mcts`); trust, strategy and whether the rules ship are decided on
-   the held-out part (:func:`kdsl_utils.collab.ship`); :mod:`kdsl_utils.kdsl_eval` scores
+   the held-out part, the ship verdict out of sample (cross-fitted, :func:`ship`); :mod:`kdsl_utils.kdsl_eval` scores
    model and rules on the tests (notebooks 02 and 03).
 """
 
@@ -32,7 +32,8 @@ from .features import FeatureCache, default_cache_dir, ocr_images, ocr_text
 from .models.base import FitLog, Predictions
 from .models.registry import make_backend
 from .results import atomic_path
-from .rules.engine import Observables, build_observables, concat_observables
+from .rules.engine import (Observables, build_observables, concat_observables,
+                           semantic_embedder, with_embedder)
 from .rules.mcts import EvalSet, SearchResult, mcts_search, top_n_rules
 from .rules.propose import DataProposer, LLMProposer, Proposer
 from .rules.schema import Rule, load_rulebase
@@ -63,6 +64,21 @@ def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequen
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return log, proba
+
+
+def fit_variants(cfg: Profile, variants: dict[str, Sequence[Record]], score: dict[str, Sequence[Record]], *,
+                 seed: int, out: Path) -> tuple[dict[str, FitLog], dict[str, dict[str, Predictions]]]:
+    """:func:`fit_and_score` for each named training set (``{"kdsl": augmented fit part,
+    "no_aug": fit part}``), one model alive at a time. Each variant's probabilities are saved
+    under ``out`` (:func:`save_probas`); the ``kdsl`` model itself goes to ``out/model``
+    (notebook 03 reloads it for prompt injection). Returns ``({variant: FitLog},
+    {variant: {split: Predictions}})``."""
+    logs, proba = {}, {}
+    for v, train in variants.items():
+        logs[v], proba[v] = fit_and_score(cfg, train, score, seed=seed, out_dir=Path(out) / "work" / v,
+                                          save_to=Path(out) / "model" if v == "kdsl" else None)
+        save_probas(out, proba[v], v)
+    return logs, proba
 
 
 def save_probas(out: Path, proba: dict[str, Predictions], variant: str = "kdsl") -> None:
@@ -99,9 +115,20 @@ def ocr_texts(records: Sequence[Record], *, workers: int = 2, progress: bool = T
 def observables_for(records: Sequence[Record], cfg: Profile) -> Observables:
     """The fields rules may test, for ``records``: OCR text where the profile decides so
     (``Profile.rules_ocr``; ~1 s per image on a CPU core the first time, then from the
-    feature cache, with ``Profile.ocr_workers`` processes)."""
+    feature cache, with ``Profile.ocr_workers`` processes), and the e5 embedder where rules
+    may hold semantic conditions (:func:`semantic_rules`; embeddings computed only when such
+    a condition is evaluated, cached by content)."""
     ocr = ocr_texts(records, workers=cfg.ocr_workers) if cfg.rules_ocr else None
-    return build_observables(records, ocr_texts=ocr)
+    obs = build_observables(records, ocr_texts=ocr)
+    return with_embedder(obs, semantic_embedder()) if semantic_rules(cfg) else obs
+
+
+def semantic_rules(cfg: Profile) -> bool:
+    """Whether this profile's rules may hold semantic conditions: the small-LM proposer runs
+    (:func:`proposers`) and ``RulesCfg.semantic`` lets it write them. Notebooks 02 and 03
+    both read rules through observables built here, so a semantic rule always finds its
+    embedder."""
+    return "llm" in proposers(cfg) and cfg.rules.semantic
 
 
 def proposers(cfg: Profile) -> tuple[str, ...]:
@@ -123,7 +150,7 @@ def make_proposer(cfg: Profile, teach: Observables, *, kind: str, seed: int,
     if generate is None:
         raise ValueError("the llm proposer needs the small model's generate(prompt) -> str")
     return LLMProposer(generate, train=teach, count_tokens=count_tokens, seed=seed,
-                       semantic=cfg.rules.semantic,
+                       semantic=cfg.rules.semantic, max_answers=cfg.rules.llm_max_answers,
                        answer_cache=default_cache_dir() / "llm_answers")
 
 
@@ -168,14 +195,30 @@ def search_rules(cfg: Profile, fit_obs: Observables, dev: EvalSet, *, seed: int,
     teach = concat_observables(fit_obs, search_part.obs)
     combine = collab.make_override(cfg.rules.precision_threshold)
     init = init_rules(cfg)
-    mcts = collab.ship(mcts_search(make(teach), dev, cfg.rules, combine=combine, seed=seed,
-                                   progress=progress, init_rules=init), holdout)
+    mcts = ship(cfg, mcts_search(make(teach), dev, cfg.rules, combine=combine, seed=seed,
+                                 progress=progress, init_rules=init), holdout, seed=seed)
     if not top_n:
         return mcts, None
     topn = top_n_rules(make(teach), dev, cfg.rules, budget=max(1, int(mcts.cost["requests"])),
                        n_rules=len(mcts.found or ()), combine=combine, seed=seed,
                        init_rules=init)
-    return mcts, collab.ship(topn, holdout)
+    return mcts, ship(cfg, topn, holdout, seed=seed)
+
+
+def ship(cfg: Profile, result: SearchResult, holdout: EvalSet, *, seed: int) -> SearchResult:
+    """``collab.ship`` with the profile's gate (``RulesCfg.gate``, ``gate_folds``,
+    ``gate_verify_fraction``): the one place the pipeline decides whether rules ship."""
+    r = cfg.rules
+    return collab.ship(result, holdout, gate=r.gate, folds=r.gate_folds,
+                       verify_fraction=r.gate_verify_fraction, seed=seed)
+
+
+def gate_gain(cfg: Profile, rules: Sequence[Rule], holdout: EvalSet, *, seed: int) -> float:
+    """The out-of-sample held-out gain the profile's gate computes for ``rules`` (what
+    :func:`ship` decided on; notebook 02 recomputes it from the saved rule bases)."""
+    r = cfg.rules
+    return collab.gate_gain(rules, holdout, gate=r.gate, folds=r.gate_folds,
+                            verify_fraction=r.gate_verify_fraction, seed=seed)[0]
 
 
 def search_all(cfg: Profile, fit_obs: Observables, dev_sets: dict[str, EvalSet], *, seed: int,

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .config import PROFILES, resolve, results_profile
 from .data.labels import TASKS
 from .metrics import bootstrap_ci, weighted_f1_idx
 from .results import ResultsFileError, atomic_write, read_metrics, read_run_json, read_table
@@ -45,7 +46,20 @@ ROWS = {
                               "(small LM)",
     "model[no_aug]": "Ablation: large model fine-tuned without augmentation",
     "kdsl[no_aug]": "Ablation: no augmentation (KDSL pipeline on that model)",
+    # The small LM's rows of a run whose profile proposes with the data-driven miner come from
+    # its ``RULES=llm`` run (another results path, its own large model): prefixed LLM_RUN.
+    "llm-run:model": "RULES=llm run: its own large model (joint fine-tune, train minus dev "
+                     "fold; the Δ of the next two rows is against it)",
+    "llm-run:rules+majority[mcts@llm]": "RULES=llm run: rules + majority-label fallback (small "
+                                        "LM's MCTS rules)",
+    "llm-run:kdsl[mcts@llm]": "RULES=llm run: KDSL with the small LM's rules",
 }
+#: Prefix of the variants taken from a run's ``RULES=llm`` companion (:func:`llm_companion`).
+LLM_RUN = "llm-run:"
+#: Rows per proposer the results table always lists: rules only (with the majority fallback)
+#: and KDSL, for the data-driven miner and the small LM; absent ones say they were not run.
+PROPOSER_ROWS = {"data": ("rules+majority[mcts@data]", "kdsl[mcts@data]"),
+                 "llm": ("rules+majority[mcts@llm]", "kdsl[mcts@llm]")}
 PAPER_GAINS = {"test1": 6.37, "test2": 6.28}  # the paper's online weighted-F1 gains (points)
 _MARK = ("<!-- results:start -->", "<!-- results:end -->")
 #: Each run's subsection inside the results section: ``<!-- results:KEY -->`` ...
@@ -109,18 +123,23 @@ COT_ROWS = {f"{v}/{m}": f"{v} ({m.replace('_', ' ')})" for v in ("sft", "full_co
 
 
 def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None,
+                  not_run: Mapping[str, str] | None = None,
                   gain: str = "gain_vs_model") -> pd.DataFrame:
     """Wide table: one row per variant (display name), columns ``split/task`` holding
     ``mean [lo, hi]`` of weighted F1 (mean over seeds; CI of the first seed when present),
     plus the number of seeds, and per split the pooled gain over the model (metric ``gain``,
     e.g. ``gain_vs_joint`` for notebook 04's rows) with its paired 95% CI (``Δ split``,
-    points) where the metrics hold one."""
+    points) where the metrics hold one. A variant of ``not_run`` (variant → why) that the
+    metrics lack gets a row saying so (``seeds`` 0, ``note``)."""
     rows = rows or ROWS
+    not_run = dict(not_run or {})
     wf1 = metrics[metrics.metric == "weighted_f1"]
     out = []
     for variant, name in rows.items():
         g = wf1[wf1.variant == variant]
         if g.empty:
+            if variant in not_run:
+                out.append({"row": name, "seeds": 0, "note": not_run[variant]})
             continue
         rec: dict[str, Any] = {"row": name, "seeds": g.seed.nunique()}
         for (split, task), gg in g.groupby(["split", "task"]):
@@ -141,7 +160,9 @@ def results_table(metrics: pd.DataFrame, rows: dict[str, str] | None = None,
                                      f"{100 * d[gain + '_hi']:+.2f}]")
         out.append(rec)
     table = pd.DataFrame(out)
-    cols = ["row", "seeds"] + sorted(c for c in table.columns if c not in ("row", "seeds"))
+    last = ["note"] if "note" in table.columns else []
+    cols = ["row", "seeds"] + sorted(c for c in table.columns
+                                     if c not in ("row", "seeds", "note")) + last
     return table[cols] if len(table) else table
 
 
@@ -166,6 +187,39 @@ def representation_table(metrics04: pd.DataFrame) -> pd.DataFrame:
     [bootstrap 95% CI] per split and task, ``Δ split`` = pooled gain over the joint
     fine-tune of the same seed with its paired 95% CI (points)."""
     return results_table(metrics04, representation_rows(metrics04), gain="gain_vs_joint")
+
+
+def llm_companion(profile_dir: str) -> str | None:
+    """The results-path profile segment of ``profile_dir``'s ``RULES=llm`` run (the Makefile's
+    override ``{"rules__proposer": "llm"}``), or None where ``profile_dir`` already carries
+    overrides or its profile proposes with the small LM itself (its own run has those rows)."""
+    if profile_dir not in PROFILES or resolve(profile_dir).rules.proposer == "llm":
+        return None
+    return results_profile(profile_dir, {"rules__proposer": "llm"})
+
+
+def proposer_rows(m03: pd.DataFrame, companion: pd.DataFrame | None,
+                  companion_dir: str | None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Notebook 03's metrics with the per-proposer rule rows made explicit: the small LM's
+    rows taken from the ``RULES=llm`` companion run's metrics (``companion``, variants
+    prefixed :data:`LLM_RUN`, beside that run's own model row) where this run lacks them;
+    and, for each per-proposer row still absent, why (``results_table``'s ``not_run``)."""
+    have = set(m03.variant)
+    merged = m03
+    if companion is not None and not set(PROPOSER_ROWS["llm"]) <= have:
+        keep = companion[companion.variant.isin(("model",) + PROPOSER_ROWS["llm"])]
+        merged = pd.concat([m03, keep.assign(variant=LLM_RUN + keep.variant)],
+                           ignore_index=True)
+    not_run = {}
+    for proposer, variants in PROPOSER_ROWS.items():
+        for v in variants:
+            if v in have or (LLM_RUN + v) in set(merged.variant):
+                continue
+            where = (f" (its results would be under {companion_dir}/)" if companion_dir else "")
+            not_run[v] = (f"not run: this run's proposers did not include {proposer}"
+                          + (f"; `make reproduce ... RULES=llm` runs it{where}"
+                             if proposer == "llm" else ""))
+    return merged, not_run
 
 
 def gains_vs_paper(metrics: pd.DataFrame, ours: str = "kdsl", base: str = "model") -> pd.DataFrame:
@@ -371,12 +425,15 @@ def run_label(profile_dir: str, data: str, seed: int, paths: Mapping[str, Path])
 
 
 def readme_section(label: str, paths: Mapping[str, Path], fig_dir: Path | str,
-                   readme_dir: Path | str) -> str:
+                   readme_dir: Path | str, llm_run: Path | None = None,
+                   llm_dir: str | None = None) -> str:
     """The README markdown of one (profile, data, seed) group: the commit of its runs, the
     seesaw table and figure (01), the results table and the gain beside the paper's (03),
     the run-time table. Every file read is validated (a bad one raises
     :class:`~kdsl_utils.results.ResultsFileError` naming it). Writes ``results_table.csv``
-    and ``run_times.csv`` into ``fig_dir`` (next to the figures)."""
+    and ``run_times.csv`` into ``fig_dir`` (next to the figures). ``llm_run``: notebook 03's
+    folder of the group's ``RULES=llm`` companion run (``llm_dir``: its profile segment),
+    whose small-LM rows join the table (:func:`proposer_rows`)."""
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     md = [f"### {label}", "", f"Runs of commit {commits_line(dict(paths))}.", ""]
@@ -391,7 +448,9 @@ def readme_section(label: str, paths: Mapping[str, Path], fig_dir: Path | str,
                f"![seesaw]({os.path.relpath(fig_dir, Path(readme_dir))}/{FIGURE_FILE})", ""]
     if "03_collaborative" in paths:
         m03 = read_metrics(Path(paths["03_collaborative"]) / "metrics.csv")
-        table = results_table(m03)
+        companion = read_metrics(Path(llm_run) / "metrics.csv") if llm_run else None
+        shown, not_run = proposer_rows(m03, companion, llm_dir)
+        table = results_table(shown, not_run=not_run)
         table.to_csv(fig_dir / "results_table.csv", index=False)
         md += ["**Results** (notebook 03): weighted F1 [bootstrap 95% CI], pooled over both tasks "
                "and per task.", "", to_markdown(table), "",
@@ -432,10 +491,15 @@ def report_sections(runs: pd.DataFrame, figures_dir: Path | str, readme: Path | 
     :func:`write_readme_section`; figure files)."""
     sections, made = {}, []
     readme_dir = Path(readme).parent if readme else Path(".")
+    done03 = {(r.profile, r.data, r.seed): Path(r.path) for r in runs.itertuples()
+              if r.experiment == "03_collaborative"}
     for (profile, data, seed), g in runs.groupby(["profile", "data", "seed"], sort=True):
         paths = dict(zip(g.experiment, g.path))
         fig_dir = Path(figures_dir) / profile / data / f"seed{seed}"
         label = run_label(profile, data, seed, paths)
         made += draw(paths, fig_dir, label)
-        sections[section_key(profile, data, seed)] = readme_section(label, paths, fig_dir, readme_dir)
+        llm_dir = llm_companion(profile)
+        sections[section_key(profile, data, seed)] = readme_section(
+            label, paths, fig_dir, readme_dir, llm_run=done03.get((llm_dir, data, seed)),
+            llm_dir=llm_dir and f"results/{llm_dir}/{data}/seed{seed}")
     return sections, made

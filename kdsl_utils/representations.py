@@ -1,4 +1,6 @@
-"""Record representations the NoteLLM-2 way (seed 002; notebook 04), CPU recipe.
+"""Record representations the NoteLLM-2 way (seed 002; notebook 04): the CPU recipe, and
+the run / uses / tables shared with the ``paper`` profile's Qwen2-VL mICL encoder
+(:mod:`kdsl_utils.models.qwen_repr`, ``ReprCfg.encoder="qwen_micl"``).
 
 NoteLLM-2 (multimodal large representation models for recommendation) makes a note
 embedding with two ideas:
@@ -63,12 +65,15 @@ from torch import nn
 
 from . import seesaw_files
 from .config import Profile, ReprCfg
+from .contrastive import VARIANTS, Gate, Variant, contrastive_loss
+from .contrastive import partners as _partners
 from .data.augment import dialogue_dropout
 from .data.labels import ALL_LABELS, LABEL_INDEX, TASKS, label_indices
 from .data.records import Record
 from .data.splits import stratified_split
 from .features import E5Embedder, FeatureCache, embed_texts, torch_threads
 from .metrics import POOLED, metric_rows
+from .models import qwen_repr
 from .models.base import Predictions
 from .models.mini import Featurizer, MiniBackend, candidate_mask, extract_inputs
 from .report import ci_rows, paired_gain_ci
@@ -77,24 +82,6 @@ EXPERIMENT = "04_representations"
 TEXT_DIM = E5Embedder.dim
 
 
-@dataclass(frozen=True)
-class Variant:
-    """Which parts of the recipe a representation uses."""
-
-    micl: bool = True  # image word and note kept apart (+ visual-side loss); else one pooled text
-    text: bool = True
-    visual: bool = True
-    late_fusion: bool = True  # gate after the encoders; False: visual features as input of f
-
-
-VARIANTS: dict[str, Variant] = {
-    "full": Variant(),
-    "no_micl": Variant(micl=False),
-    "no_late_fusion": Variant(late_fusion=False),
-    "text_only": Variant(visual=False),
-    "image_only": Variant(text=False, micl=False),
-}
-
 VARIANT_NAMES = {
     "full": "mICL stand-in + late fusion",
     "no_micl": "without mICL (one pooled text embedding)",
@@ -102,6 +89,9 @@ VARIANT_NAMES = {
     "text_only": "text side only",
     "image_only": "visual side only",
 }
+
+#: Row names per ``ReprCfg.encoder`` (the tables say what each row measured).
+ENCODERS = {"features": VARIANT_NAMES, "qwen_micl": qwen_repr.VARIANT_NAMES}
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -173,19 +163,6 @@ def _mlp(n_in: int, dim: int, dropout: float) -> nn.Module:
                          nn.Linear(2 * dim, dim))
 
 
-class Gate(nn.Module):
-    """``z = σ(W[h; v])``, ``e = z·h + (1−z)·v``; ``W``: (dim, 2·dim), bias-free, Xavier."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.w = nn.Linear(2 * dim, dim, bias=False)
-        nn.init.xavier_uniform_(self.w.weight)
-
-    def forward(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        z = torch.sigmoid(self.w(torch.cat([h, v], dim=-1)))
-        return z * h + (1 - z) * v
-
-
 class RecordEncoder(nn.Module):
     """Trainable part: text-side MLP ``f``, visual-side MLP ``g``, the gate, the temperature.
 
@@ -227,23 +204,6 @@ class RecordEncoder(nn.Module):
         return nn.functional.normalize(e, dim=1), e_vis
 
 
-def contrastive_loss(emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Multi-positive in-batch InfoNCE over L2-normalised ``emb`` (b, d): for each anchor,
-    the mean over its positives (other items with the same label) of
-    ``-log softmax_{j≠i}(s_ij / τ)``; anchors without a positive are skipped."""
-    scale = logit_scale.clamp(max=float(np.log(100.0))).exp()
-    sim = emb @ emb.T * scale
-    eye = torch.eye(len(emb), dtype=torch.bool)
-    sim = sim.masked_fill(eye, float("-inf"))
-    logp = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
-    has = pos.any(dim=1)
-    if not has.any():
-        return emb.sum() * 0.0
-    per = -(logp.masked_fill(~pos, 0.0).sum(dim=1)[has] / pos.sum(dim=1)[has])
-    return per.mean()
-
-
 @dataclass
 class Representation:
     """A trained encoder with its visual scaling (fitted on the training records)."""
@@ -265,27 +225,6 @@ class Representation:
     @property
     def temperature(self) -> float:
         return self.encoder.temperature
-
-
-def _partners(records: Sequence[Record], rng: np.random.Generator) -> np.ndarray:
-    """For every record, one related record: its augmented copy / original where one
-    exists (chosen with probability 1/2), else another record of its label (itself only
-    when its label has no other record, which the loss then skips)."""
-    base = [r.id.split("#")[0] for r in records]
-    by_base: dict[str, list[int]] = {}
-    by_label: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        by_base.setdefault(base[i], []).append(i)
-        by_label.setdefault(r.label, []).append(i)
-    out = np.empty(len(records), dtype=np.int64)
-    for i, r in enumerate(records):
-        kin = [j for j in by_base[base[i]] if j != i]
-        same = [j for j in by_label[r.label] if j != i]
-        if kin and (not same or rng.random() < 0.5):
-            out[i] = rng.choice(kin)
-        else:
-            out[i] = rng.choice(same) if same else i
-    return out
 
 
 def train(records: Sequence[Record], x: ReprInputs, variant_name: str, rc: ReprCfg, *,
@@ -584,8 +523,8 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
     :func:`~kdsl_utils.metrics.evaluate` numbers, ``k_chosen`` / ``dev_f1@k`` on split dev.
     """
     rc = cfg.repr
-    if rc.encoder != "features":
-        raise ValueError(f"repr.encoder={rc.encoder!r}: only 'features' is built")
+    if rc.encoder not in ENCODERS:
+        raise ValueError(f"repr.encoder={rc.encoder!r}; choose one of {', '.join(ENCODERS)}")
     cache = cache or FeatureCache()
     train_records = list(train_records)
     fit, dev = stratified_split(train_records, cfg.dev_fraction, seed)
@@ -593,7 +532,11 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
                               copies=rc.dialogue_copies, seed=seed) if rc.dialogue_copies else []
     fit_aug = fit + copies
     all_recs = fit_aug + dev + [r for t in tests.values() for r in t]
-    x_all = extract(all_recs, cfg, cache, progress=progress)
+    if rc.encoder == "qwen_micl":  # the LLM reads the records: its inputs are the records
+        micl = qwen_repr.MiclEncoder(cfg, progress=progress)
+        x_all, train_fn = qwen_repr.MiclInputs(all_recs), micl.train
+    else:
+        x_all, train_fn = extract(all_recs, cfg, cache, progress=progress), train
     n_fa, n_dev = len(fit_aug), len(dev)
     x_fit = x_all.take(range(n_fa))
     x_dev = x_all.take(range(n_fa, n_fa + n_dev))
@@ -605,7 +548,7 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
         start += len(recs)
     metrics, preds, proj, fits, reps = [], [], [], [], {}
     for v in variants:
-        rep = train(fit_aug, x_fit, v, rc, seed=seed)
+        rep = train_fn(fit_aug, x_fit, v, rc, seed=seed)
         reps[v] = rep
         tau = rep.temperature
         e_fit = rep.embed(x_fit.take(range(len(fit))))
@@ -641,25 +584,26 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
 # ---------------------------------------------------------------------------- tables
 
 
-def knn_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """kNN weighted F1 per variant (rows) and split · task (columns), with the chosen k."""
+def knn_table(metrics: pd.DataFrame, encoder: str = "features") -> pd.DataFrame:
+    """kNN weighted F1 per variant (rows, named for ``encoder``) and split · task (columns),
+    with the chosen k."""
     m = metrics[(metrics.metric == "weighted_f1") & metrics.variant.str.startswith("knn_")
                 & (metrics.split != "dev")]
     t = m.pivot_table(index="variant", columns=["split", "task"], values="value", aggfunc="mean")
     t.columns = [f"{s} · {k}" for s, k in t.columns]
     k = metrics[metrics.metric == "k_chosen"].groupby("variant")["value"].mean().astype(int)
     t.insert(0, "k (dev)", k)
-    t.index = [f"kNN · {VARIANT_NAMES[v[len('knn_'):]]}" for v in t.index]
+    t.index = [f"kNN · {ENCODERS[encoder][v[len('knn_'):]]}" for v in t.index]
     return t
 
 
-def recall_table(metrics: pd.DataFrame, task: str = POOLED) -> pd.DataFrame:
-    """Recall@k per variant (rows) and split · k (columns) for one task."""
+def recall_table(metrics: pd.DataFrame, task: str = POOLED, encoder: str = "features") -> pd.DataFrame:
+    """Recall@k per variant (rows, named for ``encoder``) and split · k (columns) for one task."""
     m = metrics[metrics.metric.str.startswith("recall@") & (metrics.task == task)]
     t = m.pivot_table(index="variant", columns=["split", "metric"], values="value", aggfunc="mean")
     t = t[sorted(t.columns, key=lambda c: (c[0], int(c[1].split("@")[1])))]
     t.columns = [f"{s} · {k}" for s, k in t.columns]
-    t.index = [VARIANT_NAMES[v] for v in t.index]
+    t.index = [ENCODERS[encoder][v] for v in t.index]
     return t
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kdsl_utils.data.mire import load_mire
 from kdsl_utils.data.prompts import image_instruction, intent_instruction
+from kdsl_utils.data.synth import generate_mire
+from kdsl_utils.threads import torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MIRE = Path(os.environ.get("KDSL_MIRE_DIR", REPO.parent / "shared" / "mire"))
@@ -71,3 +74,18 @@ def make_mire(root: Path, train: list[dict], tests: dict[str, list[dict]] | None
                         write_image(root / "images" / n)
     (root / "images").mkdir(exist_ok=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one torch thread is faster, and immune to a busy shared CPU (a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    with torch_threads(1):
+        yield
+
+
+def synthetic_mire(tmp_path_factory, per_label: int = 1):
+    """A loaded synthetic MIRE directory: ``per_label`` train and 1 test1 record per label."""
+    root = generate_mire(tmp_path_factory.mktemp("mire") / "syn", seed=0, per_label=per_label,
+                         test_per_label=1, test_files=("test1",))
+    return load_mire(root)

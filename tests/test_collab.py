@@ -9,15 +9,16 @@ import pandas as pd
 
 import pytest
 
-from kdsl_utils.collab import (choose_on_dev, decisions, fusion, inject_rules, make_fusion,
-                               make_override, ship)
+from kdsl_utils.collab import (choose_on_dev, decisions, fusion, gate_folds, gate_gain,
+                               inject_rules, make_fusion, make_override, ship)
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
 from kdsl_utils.data.prompts import intent_instruction
 from kdsl_utils.data.records import Record, Turn
 from kdsl_utils.metrics import weighted_f1_idx
+from kdsl_utils import report
 from kdsl_utils.report import gain_rows, paired_gain_ci
 from kdsl_utils.rules.engine import RuleEngine, build_observables
-from kdsl_utils.rules.mcts import EvalSet, SearchResult
+from kdsl_utils.rules.mcts import EvalSet, SearchResult, trust
 from kdsl_utils.rules.schema import Condition, make_rule
 
 A, B = INTENT_LABELS[0], INTENT_LABELS[7]  # 反馈密封性不好, 商品材质
@@ -112,6 +113,72 @@ def test_ship_only_what_gains_on_the_held_out_part():
     assert kept.strategy == "model" and kept.params["holdout_gain_chosen"] <= 0
 
 
+def _gate_case(cases):
+    """A held-out part whose model says A everywhere. ``cases``: (text, gold) per record; a
+    rule per keyword in ``KW`` predicts B. Rules arrive as ``rules.mcts._finalise`` leaves
+    them: training precision 0.9 in provenance, held-out trust (measured on these very
+    records) in their stats."""
+    recs = _records([t for t, _ in cases])
+    y = np.array([g for _, g in cases])
+    ev = EvalSet(build_observables(recs), y, _proba(len(y)))
+    rules = [make_rule("intent", B, [Condition("user_text", "keyword_any", (k,))],
+                       provenance={"train_stats": {"precision": 0.9}}) for k in KW]
+    meas = ev.engine.apply(rules, y=y)
+    tr = trust(meas.correct, meas.support, np.full(len(rules), 0.9))
+    rules = [r.replace(stats={"support": int(meas.support[j]), "precision": float(tr[j])})
+             for j, r in enumerate(rules)]
+    return SearchResult("mcts", rules, 0, 0, 0, 0, pd.DataFrame(), {}, pd.DataFrame()), ev
+
+
+KW = ("甲", "乙", "丙", "丁", "戊")
+
+
+def test_gate_folds_are_stratified_and_seeded():
+    y = np.array([0] * 5 + [1] * 5 + [2] * 3)
+    f = gate_folds(y, 5, seed=1)
+    assert sorted(np.bincount(f)) == [2, 2, 3, 3, 3]
+    assert all(len(set(f[y == lab])) == (y == lab).sum() for lab in (0, 1, 2))  # spread out
+    assert (f == gate_folds(y, 5, seed=1)).all() and not (f == gate_folds(y, 5, seed=2)).all()
+
+
+def test_crossfit_gate_refuses_a_rule_set_that_wins_only_in_sample():
+    # Five rules, each firing on one held-out record: right on 1 (the model is wrong there),
+    # wrong on 4 (the model is right there). Measured on these same records, the right one
+    # earns trust 0.93 and the wrong ones 0.6, so an override threshold between them "wins"
+    # in sample: a rule's trust on its own record comes from the very record that judges it.
+    cases = [("甲", IB), ("乙", IA), ("丙", IA), ("丁", IA), ("戊", IA)]
+    cases += [("漏水", IA)] * 6 + [("没法说", IB)] * 2
+    res, ev = _gate_case(cases)
+    insample, _ = gate_gain(res.rules, ev, gate="insample")
+    assert insample > 0  # the old gate's number: it would ship
+    old = ship(res, ev, gate="insample")
+    assert old.shipped and old.strategy.startswith("override")
+    for seed in range(4):  # whichever folds: the out-of-fold choice loses
+        gain, folds = gate_gain(res.rules, ev, gate="crossfit", folds=5, seed=seed)
+        assert gain < 0 and len(folds) == 5 and folds.n.sum() == len(cases), seed
+        new = ship(res, ev, gate="crossfit", folds=5, seed=seed)
+        assert not new.shipped and new.rules == [] and new.found == res.rules
+        assert new.strategy == "model"
+        assert new.params["holdout_gain_insample"] > 0 > new.params["holdout_gain_chosen"]
+        assert new.params["gate"] == "crossfit" and len(new.params["gate_folds"]) == 5
+
+
+def test_crossfit_gate_ships_a_genuinely_helpful_rule_set():
+    # Three rules that are right on 3 of the 4 records each fires on, where the model is wrong
+    # on all of them: every fold's choice part holds enough firings to trust them.
+    cases = []
+    for k in KW[:3]:
+        cases += [(f"{k}材质", IB)] * 3 + [(f"{k}漏了", IA)]
+    cases += [("漏水", IA)] * 8
+    res, ev = _gate_case(cases)
+    for gate in ("crossfit", "split"):
+        gain, _ = gate_gain(res.rules, ev, gate=gate, folds=5, seed=0)
+        assert gain > 0, gate
+    shipped = ship(res, ev, gate="crossfit", folds=5, seed=0)
+    assert shipped.shipped and shipped.rules == res.rules and shipped.strategy != "model"
+    assert shipped.params["holdout_gain_chosen"] > 0
+
+
 def test_paired_gain_ci():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 300)
@@ -127,3 +194,32 @@ def test_paired_gain_ci():
     rows = gain_rows(y, better, base, tasks, n_boot=50, variant="kdsl")
     assert {r["metric"] for r in rows} == {"gain_vs_model", "gain_vs_model_lo",
                                            "gain_vs_model_hi"}
+
+
+def _wf1(variants, value=0.5):
+    return pd.DataFrame([{"experiment": "03_collaborative", "variant": v, "seed": 0,
+                          "split": "test1", "task": "pooled", "metric": "weighted_f1",
+                          "value": value} for v in variants])
+
+
+def test_results_table_has_a_row_per_proposer_or_says_it_was_not_run():
+    data_run = _wf1(["model", "kdsl", "kdsl[mcts@data]", "rules+majority[mcts@data]"])
+    llm_run = pd.concat([_wf1(["model", "kdsl[mcts@llm]", "rules+majority[mcts@llm]",
+                               "kdsl[mcts@data]"], 0.6),
+                         _wf1(["kdsl[mcts@llm]"], 0.02).assign(metric="gain_vs_model"),
+                         _wf1(["kdsl[mcts@llm]"], -0.01).assign(metric="gain_vs_model_lo"),
+                         _wf1(["kdsl[mcts@llm]"], 0.05).assign(metric="gain_vs_model_hi")])
+    assert report.llm_companion("mini").startswith("mini-ov") and report.llm_companion("tiny") is None
+    shown, not_run = report.proposer_rows(data_run, None, "results/mini-ovX/mire/seed0")
+    table = report.results_table(shown, not_run=not_run).set_index("row")
+    for v in report.PROPOSER_ROWS["llm"]:
+        assert table.loc[report.ROWS[v], "seeds"] == 0
+        assert "not run" in table.loc[report.ROWS[v], "note"] and "RULES=llm" in table.loc[report.ROWS[v], "note"]
+    assert table.loc[report.ROWS["kdsl[mcts@data]"], "test1 · pooled"] == "0.5000"
+    shown, not_run = report.proposer_rows(data_run, llm_run, "results/mini-ovX/mire/seed0")
+    table = report.results_table(shown, not_run=not_run).set_index("row")
+    assert not not_run and "note" not in table.columns
+    row = table.loc[report.ROWS["llm-run:kdsl[mcts@llm]"]]
+    assert row["test1 · pooled"] == "0.6000" and row["Δ test1"] == "+2.00 [-1.00, +5.00]"
+    assert report.ROWS["llm-run:model"] in table.index  # the llm run's own model, beside
+    assert table.loc[report.ROWS["kdsl[mcts@data]"], "test1 · pooled"] == "0.5000"  # not the llm run's

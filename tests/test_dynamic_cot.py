@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
+from conftest import synthetic_mire
 from kdsl_utils import dynamic_cot as dc
 from kdsl_utils import report
 from kdsl_utils.config import resolve
 from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS
-from kdsl_utils.data.mire import load_mire
 from kdsl_utils.models.qwen_vl import QwenVLBackend
 from kdsl_utils.models.sft import IGNORE_INDEX, sft_dataset
 from kdsl_utils.results import RunLog, write_metrics
 
-pytestmark = pytest.mark.xdist_group("qwen_vl")
+pytestmark = [pytest.mark.xdist_group("qwen_vl"), pytest.mark.usefixtures("one_torch_thread")]
 CANDS = tuple(INTENT_LABELS)
 GOLD = INTENT_LABELS[3]
 
@@ -98,21 +97,11 @@ def test_not_applicable_for_mini():
 CFG = resolve("tiny", cot__epochs=2.0, train__learning_rate=2e-2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def mire(tmp_path_factory):
-    from kdsl_utils.data.synth import generate_mire
-
-    root = generate_mire(tmp_path_factory.mktemp("mire") / "syn", seed=0, per_label=1,
-                         test_per_label=1, test_files=("test1",))
-    return load_mire(root)
+    return synthetic_mire(tmp_path_factory, per_label=1)
 
 
 @pytest.fixture(scope="module")

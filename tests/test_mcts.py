@@ -313,6 +313,10 @@ def test_rule_sets_roundtrip_and_test_rows(tmp_path):
     back = kdsl_eval.load_rule_sets(tmp_path)["mcts@fake"]
     assert back.rules == res.rules and back.found == res.found and back.strategy == res.strategy
     assert kdsl_eval.holdout_check(back, hold)[0] > kdsl_eval.holdout_check(back, hold)[1]
+    # the saved verdict is the cross-fitted gate's, recomputed from the files
+    assert kdsl_eval.gate_verdict(back, hold, gate="crossfit", folds=5, verify_fraction=0.5,
+                                  seed=0) == back.shipped == res.shipped
+    assert res.params["gate"] == "crossfit" and res.params["holdout_gain_chosen"] > 0
     test = _dev(4)
     preds = Predictions(test.obs.ids, list(test.obs.tasks), test.proba,
                         gold=[ALL_LABELS[i] for i in test.y])

@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import synthetic_mire
 from kdsl_utils.config import resolve
 from kdsl_utils.data.labels import ALL_LABELS, IMAGE_LABELS, INTENT_LABELS
-from kdsl_utils.data.mire import load_mire, load_split
+from kdsl_utils.data.mire import load_split
 from kdsl_utils.data.prompts import DIALOGUE_END, image_instruction, intent_instruction
 from kdsl_utils.metrics import evaluate_predictions
 from kdsl_utils.models import sft
@@ -48,7 +49,7 @@ from kdsl_utils.models.tiny import tiny_model_dir
 
 # One xdist worker runs the whole module: its fixtures (synthetic data, the twin, a
 # trained model) are built once and shared.
-pytestmark = pytest.mark.xdist_group("qwen_vl")
+pytestmark = [pytest.mark.xdist_group("qwen_vl"), pytest.mark.usefixtures("one_torch_thread")]
 
 # The tiny profile with a learning rate/schedule under which 8 steps on 8 records visibly
 # lower the loss of a random twin (the profile's own values are for notebook smoke runs).
@@ -62,29 +63,11 @@ CFG = resolve(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def mire(tmp_path_factory):
-    try:
-        from kdsl_utils.data.synth import generate_mire
-    except ImportError:  # pragma: no cover - the generator ships with the package
-        pytest.skip("synthetic generator not available")
-    root = generate_mire(
-        tmp_path_factory.mktemp("mire") / "syn",
-        seed=0,
-        per_label=1,
-        test_per_label=1,
-        test_files=("test1",),
-    )
-    return load_mire(root)
+    return synthetic_mire(tmp_path_factory, per_label=1)
 
 
 @pytest.fixture(scope="module")

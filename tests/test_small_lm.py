@@ -165,6 +165,22 @@ def test_answer_cache_by_prompt_hash_survives_a_new_proposer(tmp_path):
     assert len(gen3.prompts) == 1
 
 
+def test_answer_budget_counts_cached_answers_too(tmp_path):
+    """``max_answers``: past it a request gets no rules, and a disk-cache answer counts like a
+    generated one, so a warm rerun proposes what the cold run did."""
+    cache = tmp_path / "answers"
+    gen = FakeGenerator([GOOD_ANSWER] * 3)
+    prop = LLMProposer(gen, fields=["user_text"], answer_cache=cache, max_answers=2)
+    assert prop.propose(SEAL, _errors(), k=2) and prop.propose(SEAL, _errors(), k=3)
+    assert prop.propose(SEAL, _errors(), k=1) == [] and len(gen.prompts) == 2
+    c = prop.cost()
+    assert c["answers"] == 2 and c["budget_skips"] == 1 and c["calls"] == 3
+    warm = LLMProposer(FakeGenerator([GOOD_ANSWER]), fields=["user_text"], answer_cache=cache,
+                       max_answers=1)
+    assert warm.propose(SEAL, _errors(), k=2) and warm.propose(SEAL, _errors(), k=3) == []
+    assert warm.cost()["answer_cache_hits"] == 1 and warm.cost()["answers"] == 1
+
+
 def test_plain_generator_gets_no_schema_and_counts_with_count_tokens():
     seen = []
 

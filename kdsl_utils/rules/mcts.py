@@ -22,8 +22,8 @@ What makes the search able to grow and keep rules (issue 15, item 2):
 Against overfitting the dev fold, it is split (stratified, seeded) into a search part and a
 held-out part the search never scores. The best rule set's trust (:func:`trust`: held-out
 precision shrunk towards training precision) is measured there, the collaboration strategy
-is chosen there, and the set ships only if it gains there (``collab.ship``); otherwise the
-empty set ships.
+is chosen there, and the set ships only if the choice gains there out of sample (cross-fitted
+over the held-out part, ``collab.ship``); otherwise the empty set ships.
 
 ``TreeSearch`` is the generic, problem-agnostic core (tested on a toy problem); ``mcts_search``
 specialises it to rule sets; ``top_n_rules`` is the no-search baseline matched to it (same

@@ -704,8 +704,13 @@ class LLMProposer(Proposer):
                  max_examples: int = 6, max_chars: int = 240, n_typical: int = 2,
                  count_tokens: Callable[[str], int] | None = None, seed: int = 0,
                  semantic: bool = True, answer_cache: str | Path | None = None,
-                 thresholds: Sequence[float] = (0.84, 0.86, 0.88, 0.9, 0.92)):
+                 thresholds: Sequence[float] = (0.84, 0.86, 0.88, 0.9, 0.92),
+                 max_answers: int = 0):
         super().__init__(seed)
+        # > 0: answers (generated or from the disk cache alike, so a warm rerun proposes
+        # exactly what the cold run did) this proposer may use; requests past it get no rules
+        self.max_answers = max_answers
+        self.budget_skips = 0
         self.generate = generate
         self.train = train
         self.engine = RuleEngine(train) if train is not None and train.labels is not None \
@@ -866,8 +871,16 @@ class LLMProposer(Proposer):
             os.replace(tmp, path)
         return answer, {**usage, "cached": False}
 
+    @property
+    def answers(self) -> int:
+        """Answers used so far: generated, or read from the disk cache."""
+        return self.generator_calls + self.disk_hits
+
     def _propose(self, target_label: str, errors: list[ErrorExample], k: int,
                  call: int, context: tuple[Rule, ...] = ()) -> list[Rule]:
+        if self.max_answers and self.answers >= self.max_answers:
+            self.budget_skips += 1  # no answer left: the label gets nothing (it runs dry)
+            return []
         prompt = self.build_prompt(target_label, errors, k)
         answer, usage = self._generate(prompt, k)
         self.last_prompt, self.last_answer = prompt, answer
@@ -931,7 +944,9 @@ class LLMProposer(Proposer):
 
     def cost(self) -> dict[str, Any]:
         return {**super().cost(), "generator_calls": self.generator_calls,
-                "answer_cache_hits": self.disk_hits, "prompt_tokens": self.prompt_tokens,
+                "answer_cache_hits": self.disk_hits, "answers": self.answers,
+                "max_answers": self.max_answers, "budget_skips": self.budget_skips,
+                "prompt_tokens": self.prompt_tokens,
                 "generated_tokens": self.generated_tokens,
                 "generate_s": round(self.generate_s, 2), "prompt_chars": self.prompt_chars,
                 "answer_chars": self.answer_chars, "valid_rules": self.n_valid,
