@@ -60,3 +60,14 @@ def test_code_cells_orchestrate(path):
             computing = sorted(c for c in calls if c.startswith(COMPUTING))
             assert not computing, (f"{path.name} code cell {i}: a loop calls {computing}; "
                                    "a loop that computes results belongs in kdsl_utils")
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem != "90_report"], ids=lambda p: p.stem)
+def test_run_notebooks_take_and_pass_overrides(path):
+    """`make reproduce OVERRIDES=...` injects OVERRIDES into every run notebook; one that did
+    not declare it would ignore it silently and write its results under the plain profile."""
+    nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert "OVERRIDES = {}" in params.source, path.name
+    assert any("session.start(" in c.source and "overrides=OVERRIDES" in c.source
+               for c in _code_cells(nb)), f"{path.name}: session.start does not get OVERRIDES"

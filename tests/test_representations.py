@@ -271,9 +271,10 @@ def test_versus_joint_rows_and_the_representation_table():
     def noisy(p_right):
         return [g[1] if rng.random() < p_right else labs[(labs.index(g) + 1) % 4 + 4 * (g[0] == "intent")][1]
                 for g in gold]
-    frame = lambda variant, pred: pd.DataFrame({"variant": variant, "split": "test1", "id": ids,
-                                                "task": [g[0] for g in gold],
-                                                "gold": [g[1] for g in gold], "pred": pred})
+    def frame(variant, pred):
+        return pd.DataFrame({"variant": variant, "split": "test1", "id": ids,
+                             "task": [g[0] for g in gold], "gold": [g[1] for g in gold], "pred": pred})
+
     joint = frame("joint", noisy(0.6)).assign(seed=0, schedule="epochs")
     other_seed = frame("joint", [g[1] for g in gold]).assign(seed=1, schedule="epochs")  # unused
     steps = frame("joint", [g[1] for g in gold]).assign(seed=0, schedule="steps")  # unused

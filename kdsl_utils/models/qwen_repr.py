@@ -77,7 +77,7 @@ from ..data.labels import LABEL_INDEX
 from ..data.records import IMAGE_TOKEN, Record
 from ..threads import torch_threads
 from .qwen_vl import load_model, load_processor, model_source, prepare_for_finetune
-from .sft import IMAGE_PAD, VISION_END, VISION_START, RecordEncoder, load_image
+from .sft import VISION_END, VISION_START, RecordEncoder, load_image
 from .tiny import tiny_model_dir
 
 NOTE = "笔记："
