@@ -484,12 +484,16 @@ def readme_section(label: str, paths: Mapping[str, Path], fig_dir: Path | str,
 
 
 def report_sections(runs: pd.DataFrame, figures_dir: Path | str, readme: Path | str | None,
-                    draw: DrawFn) -> tuple[dict[str, str], list[Path]]:
+                    draw: DrawFn) -> tuple[dict[str, str], list[Path], dict[str, str]]:
     """Every (profile, data, seed) group of :func:`find_runs` (only valid runs): its figures
     drawn by ``draw`` into ``figures_dir/<profile>/<data>/seed<N>/`` and its README
     subsection. Returns (subsection by :func:`section_key`, for
-    :func:`write_readme_section`; figure files)."""
-    sections, made = {}, []
+    :func:`write_readme_section`; figure files; stale groups). A group whose files an
+    older version of the code wrote (a :class:`ResultsFileError`, e.g. a missing column) is
+    not reported: it is returned as ``{section key: the error}`` and named in a warning,
+    and the README keeps its old subsection, so one stale run does not stop the report of
+    the others."""
+    sections, made, stale = {}, [], {}
     readme_dir = Path(readme).parent if readme else Path(".")
     done03 = {(r.profile, r.data, r.seed): Path(r.path) for r in runs.itertuples()
               if r.experiment == "03_collaborative"}
@@ -497,9 +501,19 @@ def report_sections(runs: pd.DataFrame, figures_dir: Path | str, readme: Path | 
         paths = dict(zip(g.experiment, g.path))
         fig_dir = Path(figures_dir) / profile / data / f"seed{seed}"
         label = run_label(profile, data, seed, paths)
-        made += draw(paths, fig_dir, label)
+        key = section_key(profile, data, seed)
         llm_dir = llm_companion(profile)
-        sections[section_key(profile, data, seed)] = readme_section(
-            label, paths, fig_dir, readme_dir, llm_run=done03.get((llm_dir, data, seed)),
-            llm_dir=llm_dir and f"results/{llm_dir}/{data}/seed{seed}")
-    return sections, made
+        try:
+            figs = draw(paths, fig_dir, label)
+            sections[key] = readme_section(
+                label, paths, fig_dir, readme_dir, llm_run=done03.get((llm_dir, data, seed)),
+                llm_dir=llm_dir and f"results/{llm_dir}/{data}/seed{seed}")
+        except ResultsFileError as e:
+            stale[key] = str(e)
+            continue
+        made += figs
+    if stale:
+        warnings.warn("runs not reported (written by older code; re-run them, e.g. make reproduce "
+                      "with their PROFILE / DATA_DIR / SEED):\n  "
+                      + "\n  ".join(f"{k}: {v}" for k, v in stale.items()), stacklevel=2)
+    return sections, made, stale

@@ -262,3 +262,27 @@ def test_report_notebook_keeps_readme_sections_of_unseen_runs(tmp_path):
                  "FIGURES_DIR": str(tmp_path / "figures"), "README": str(readme)}, html=False)
     text = readme.read_text(encoding="utf-8")
     assert "real-data table" in text and "synthetic table" in text and "No finished runs" not in text
+
+
+def test_a_stale_run_is_named_and_skipped_not_fatal_to_the_report(tmp_path, monkeypatch):
+    """A run whose files older code wrote (a ResultsFileError) is returned as stale with
+    the error, and the other runs are still reported."""
+    import pandas as pd
+
+    from kdsl_utils.results import ResultsFileError
+
+    runs = pd.DataFrame([{"profile": "mini", "data": d, "seed": 0, "experiment": "01_seesaw",
+                          "path": tmp_path / d} for d in ("old", "new")])
+
+    def draw(paths, fig_dir, label):
+        if "old" in str(paths["01_seesaw"]):
+            raise ResultsFileError(f"{paths['01_seesaw']}/fits.csv: lacks columns ['schedule']")
+        return []
+
+    calls = []
+    monkeypatch.setattr(report, "run_label", lambda profile, data, seed, paths: f"{profile}/{data}")
+    monkeypatch.setattr(report, "readme_section", lambda label, *a, **k: calls.append(label) or label)
+    with pytest.warns(UserWarning, match="runs not reported"):
+        sections, made, stale = report.report_sections(runs, tmp_path / "fig", None, draw=draw)
+    assert list(stale) == [report.section_key("mini", "old", 0)] and "schedule" in next(iter(stale.values()))
+    assert list(sections) == [report.section_key("mini", "new", 0)] and calls == ["mini/new"]
