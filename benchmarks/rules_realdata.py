@@ -200,15 +200,16 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--no-variants", action="store_true")
-    ap.add_argument("--holdout", type=float, nargs="+", default=[0.3],
-                    help="RulesCfg.holdout_fraction values to compare (the gate's sample size)")
+    ap.add_argument("--holdout", type=float, nargs="+", default=None,
+                    help="RulesCfg.holdout_fraction values to compare (the gate's sample size; "
+                         "default: the mini profile's)")
     args = ap.parse_args()
     sets = prepare(args.mire, args.seed, args.folds, Path(args.cache))
     if args.prepare_only:
         return
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)
-    for hf in args.holdout:
+    for hf in args.holdout or [resolve("mini").rules.holdout_fraction]:
         cfg = resolve("mini", rules__holdout_fraction=hf)
         t0 = time.perf_counter()
         runs = {name: run_one(cfg, prep, args.seed) for name, prep in sets.items()}
