@@ -16,7 +16,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-MAX_CELL_LINES = 20  # the closing check cells are the longest
+MAX_CELL_LINES = 15
 # Prefixes of calls inside a cell's top-level loop that mean the loop computes results.
 COMPUTING = ("fit", "train", "search", "score", "predict", "run_")
 
