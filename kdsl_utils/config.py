@@ -98,7 +98,7 @@ class MiniCfg:
     weight_decay: float = 1e-4
     dropout: float = 0.2
     batch_size: int = 32
-    workers: int = 2  # processes for OCR
+    workers: int = 2  # processes for OCR and for independent fits (Profile.fit_workers)
     # Retrieval augmentation (issue 13): the similarity-weighted label vote of the nearest
     # labelled training records (notebook 04's trained representation) as an extra dense
     # input block; training records get out-of-fold votes (representations.NeighbourVotes).
@@ -245,6 +245,13 @@ class Profile:
     def ocr_workers(self) -> int:
         """Processes for RapidOCR, whichever profile runs it (one setting: ``mini.workers``)."""
         return self.mini.workers
+
+    @property
+    def fit_workers(self) -> int:
+        """Processes for independent model fits (notebook 01's seesaw fits, notebook 04's
+        representation variants): ``mini.workers`` for the CPU backend, whose fits are
+        single-threaded; 1 for the Qwen-VL backend (one model on the GPU at a time)."""
+        return self.mini.workers if self.backend == "mini" else 1
 
 
 def _base(name: str) -> Profile:

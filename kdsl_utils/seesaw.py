@@ -18,7 +18,8 @@ Two training schedules (:mod:`kdsl_utils.seesaw_files`):
 Outputs are tidy: a predictions frame (one row per seed × schedule × mix × split × record)
 from which every metric is computed, a fits frame (one row per run: the steps it took),
 and the interference table of each seed and schedule (:mod:`kdsl_utils.interference`),
-computed as each seed's runs end so that only one seed's weight updates are ever held.
+computed as each seed's runs end (one model at a time: only one seed's weight updates are
+ever held; side by side on the CPU: all seeds', see :func:`run_seesaw`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import gc
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ from .models.registry import make_backend
 from .results import atomic_path
 from .seesaw_files import (EPOCHS, FITS_FILE, INTERFERENCE_FILE, PREDICTIONS_FILE, SCHEDULES,
                            STEPS, variant_name)
+from .workers import pool, run_jobs
 
 
 def predictions_frame(preds: Predictions, **keys) -> pd.DataFrame:
@@ -139,6 +142,17 @@ def _fit_and_predict(cfg: Profile, train: Sequence[Record], tests: Mapping[str, 
     return fit
 
 
+def _fit_job(kw: Mapping, job: tuple[int, str, str, int | None]) -> _Fit:
+    """One fit of :func:`run_seesaw` (module level, so a worker process can run it)."""
+    seed, mix, schedule, steps = job
+    return _fit_and_predict(mix=mix, seed=seed, schedule=schedule, steps=steps, **kw)
+
+
+def _job_name(job: tuple[int, str, str, int | None]) -> str:
+    seed, mix, schedule, steps = job
+    return f"seed {seed}, mix {mix}, schedule {schedule}" + (f" ({steps} steps)" if steps else "")
+
+
 def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequence[Record]], *,
                seeds: Sequence[int], mixes: Sequence[str] = MIXES,
                schedules: Sequence[str] = SCHEDULES, work_dir: Path | None = None,
@@ -154,43 +168,62 @@ def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequen
     same run (mini: bit for bit, tested). Its rows are listed under ``steps`` too, with
     ``reused`` True in the fits frame.
 
-    One model at a time: each fitted backend is released (:func:`release`) once its
-    predictions and weight update are taken; each seed's updates are reduced to its
-    interference tables (one per schedule) and dropped before the next seed."""
+    ``Profile.fit_workers`` > 1 (mini): the fits of all seeds run side by side in that many
+    worker processes (:func:`kdsl_utils.workers.run_jobs`; the same results as one after
+    another), after the features of every record are computed once here, so that no two
+    workers compute the same OCR. 1 (the GPU profiles): one model at a time, seed after
+    seed; each fitted backend is released (:func:`release`) once its predictions and weight
+    update are taken, and each seed's updates are reduced to its interference tables and
+    dropped before the next seed."""
     unknown = [s for s in schedules if s not in SCHEDULES]
     if unknown or EPOCHS not in schedules:
         raise ValueError(f"schedules must include {EPOCHS!r} (the step budget comes from it) and "
                          f"be among {SCHEDULES}; got {tuple(schedules)}")
     preds, fits, tables, budgets = [], [], [], {}
     bar = tqdm(total=len(seeds) * len(mixes) * len(schedules), desc="seesaw fits", unit="fit")
-    kw = {"cfg": cfg, "train": train, "tests": tests, "work_dir": work_dir,
-          "backend_kwargs": backend_kwargs}
-    for seed in seeds:
-        runs: dict[str, dict[str, _Fit]] = {EPOCHS: {}}
-        for mix in mixes:
-            runs[EPOCHS][mix] = _fit_and_predict(mix=mix, seed=seed, schedule=EPOCHS, steps=None,
-                                                 **kw)
-            bar.update()
-        if STEPS in schedules:
-            budget = step_budget({m: r.row["steps"] for m, r in runs[EPOCHS].items()})
-            budgets[seed] = budget
-            runs[STEPS] = {}
-            for mix in mixes:
-                done = runs[EPOCHS][mix]
-                runs[STEPS][mix] = (done.as_schedule(STEPS, budget) if done.row["steps"] == budget
-                                    else _fit_and_predict(mix=mix, seed=seed, schedule=STEPS,
-                                                          steps=budget, **kw))
-                bar.update()
-        for schedule, by_mix in runs.items():
-            preds += [f for r in by_mix.values() for f in r.frames]
-            fits += [r.row for r in by_mix.values()]
-            if set(by_mix) >= {"image", "intent", "joint"}:
-                # which tasks reach each block: measured on the joint run (the only one
-                # that sees both tasks' records)
-                t = interference_table(by_mix["image"].delta, by_mix["intent"].delta,
-                                       by_mix["joint"].delta, inputs=by_mix["joint"].inputs)
-                tables.append(t.assign(seed=seed, schedule=schedule))
-        del runs  # this seed's weight updates
+    kw = {"cfg": cfg, "train": list(train), "tests": {k: list(v) for k, v in tests.items()},
+          "work_dir": work_dir, "backend_kwargs": backend_kwargs}
+    workers = cfg.fit_workers
+    if workers > 1:  # features once, here (mini: OCR, encoders -> the feature cache)
+        make_backend(cfg, **dict(backend_kwargs or {})).inputs(
+            kw["train"] + [r for recs in kw["tests"].values() for r in recs])
+    job = partial(_fit_job, kw)
+    with pool(workers) as ex:
+        def fit_all(jobs):
+            return zip(jobs, run_jobs(job, jobs, workers=workers, bar=bar, desc="seesaw fits",
+                                      name=_job_name, executor=ex))
+
+        for chunk in ([list(seeds)] if workers > 1 else [[s] for s in seeds]):
+            runs: dict[int, dict[str, dict[str, _Fit]]] = {s: {EPOCHS: {}} for s in chunk}
+            for (s, m, _, _), fit in fit_all([(s, m, EPOCHS, None) for s in chunk for m in mixes]):
+                runs[s][EPOCHS][m] = fit
+            if STEPS in schedules:
+                second = []
+                for s in chunk:
+                    budgets[s] = step_budget({m: r.row["steps"] for m, r in runs[s][EPOCHS].items()})
+                    runs[s][STEPS] = {}
+                    for m in mixes:
+                        done = runs[s][EPOCHS][m]
+                        if done.row["steps"] == budgets[s]:
+                            runs[s][STEPS][m] = done.as_schedule(STEPS, budgets[s])
+                            bar.update()
+                        else:
+                            second.append((s, m, STEPS, budgets[s]))
+                for (s, m, _, _), fit in fit_all(second):
+                    runs[s][STEPS][m] = fit
+            for s in chunk:
+                for schedule, by_mix in runs[s].items():
+                    by_mix = {m: by_mix[m] for m in mixes}  # mix order, whatever finished first
+                    preds += [f for r in by_mix.values() for f in r.frames]
+                    fits += [r.row for r in by_mix.values()]
+                    if set(by_mix) >= {"image", "intent", "joint"}:
+                        # which tasks reach each block: measured on the joint run (the only
+                        # one that sees both tasks' records)
+                        t = interference_table(by_mix["image"].delta, by_mix["intent"].delta,
+                                               by_mix["joint"].delta,
+                                               inputs=by_mix["joint"].inputs)
+                        tables.append(t.assign(seed=s, schedule=schedule))
+            del runs  # these seeds' weight updates
     bar.close()
     pred = pd.concat(preds, ignore_index=True)
     if set(mixes) >= {"image", "intent"}:

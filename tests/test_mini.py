@@ -63,7 +63,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def _cfg(**kw):
-    return resolve("mini", mini__epochs=15, mini__hidden=32, mini__workers=1, **kw)
+    return resolve("mini", **{"mini__epochs": 15, "mini__hidden": 32, "mini__workers": 1, **kw})
 
 
 # ----------------------------------------------------------------------------- features
@@ -322,6 +322,34 @@ def test_seesaw_step_matched_control(records, cache_dir, tmp_path):
     assert len(gain) == 2 * 2 and gain.schedule.str.startswith(("epoch-matched", "step-matched")).all()
     assert "step-matched (steps: image 75, intent 75, joint 75; epochs: image 25.0" in gain.schedule.iloc[-1]
     assert seesaw_files.FITS_FILE == paths["fits"].name
+
+
+def test_seesaw_fits_side_by_side_equal_one_after_another(records, cache_dir):
+    """Profile.fit_workers > 1 runs the fits in worker processes: predictions, fits and
+    interference are those of the same fits run here one after another."""
+    from kdsl_utils import seesaw
+
+    def run(workers):
+        cfg = _cfg(mini__batch_size=8, mini__workers=workers)
+        return seesaw.run_seesaw(cfg, records, {"test1": records}, seeds=[0, 1],
+                                 backend_kwargs={"cache_dir": cache_dir, "progress": False})
+
+    one, two = run(1), run(2)
+    assert two.budgets == one.budgets and set(one.predictions.seed) == {0, 1}
+    pd.testing.assert_frame_equal(one.predictions, two.predictions)
+    cols = [c for c in one.fits.columns if not c.endswith("_seconds")]
+    pd.testing.assert_frame_equal(one.fits[cols], two.fits[cols])
+    pd.testing.assert_frame_equal(one.interference, two.interference)
+
+
+def test_run_jobs_names_the_failing_job():
+    from kdsl_utils.workers import JobError, run_jobs
+
+    assert run_jobs(abs, [-3, 2, -1], workers=2, desc="abs") == [3, 2, 1]
+    with pytest.raises(JobError, match=r"abs: 'x' failed: bad operand"):
+        run_jobs(abs, [1, "x"], workers=2, desc="abs")
+    with pytest.raises(JobError, match=r"abs: 'x' failed"):
+        run_jobs(abs, ["x"], workers=1, desc="abs")
 
 
 def test_components_can_be_switched_off(records, cache_dir):
