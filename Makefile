@@ -89,7 +89,7 @@ endif
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' Makefile | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true  RULES=data|llm"
+	@echo "  variables: PROFILE=paper|mini|tiny  DATA_DIR=<MIRE dir>  SEED=0  TEST_FILES='[\"test1\"]'  SMOKE=true  RULES=data|llm  JOBS=1|2"
 	@echo "             OVERRIDES='{\"train__epochs\": 5}'  (results under <profile>-ov<hash>/)"
 
 setup: $(STAMP) ## create .venv with the pinned packages
@@ -108,8 +108,13 @@ small-lm: $(STAMP) ## install the CPU small LM: llama.cpp binding + 1.1 GB GGUF 
 banner:
 	@echo "[kdsl] profile=$(PROFILE) data=$(if $(DATA_DIR),$(DATA_ABS),synthetic (built-in generator)) seed=$(SEED) -> $(RESULTS)"
 
-reproduce: banner $(STAMP) ## run the numbered notebooks in order (results/, products/), then the report
-	@$(MAKE) --no-print-directory notebooks $(RUN_ARGS)
+# Notebooks at a time where their inputs allow (Profile.notebook_jobs: 2 on the CPU backend,
+# 1 on the GPU one); JOBS=1 runs them one after another. Features are computed under the
+# feature cache's lock, so two notebooks side by side never compute the same OCR.
+JOBS ?= $(shell PYTHONPATH=$(CURDIR) $(CONFIG_PY) -m kdsl_utils.config --jobs $(PROFILE) '$(OVERRIDES)' 2>/dev/null || echo 1)
+
+reproduce: banner $(STAMP) ## run the numbered notebooks (JOBS at a time, in dependency order), then the report
+	@$(MAKE) --no-print-directory -j$(JOBS) notebooks $(RUN_ARGS)
 	@$(MAKE) --no-print-directory figures
 	@echo "[kdsl] done: results in $(RESULTS), rendered notebooks in $(PRODUCTS), figures in figures/"
 

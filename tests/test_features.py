@@ -274,3 +274,35 @@ def test_ocr_pool_is_reused_and_matches_in_process(tmp_path, original):
         features.shutdown_ocr_pool()
     assert not features._POOL
     assert pooled == ocr_images(paths, FeatureCache(tmp_path / "c"), workers=1, progress=False)
+
+
+def test_two_processes_never_compute_the_same_entries_at_once(tmp_path):
+    """Missing entries are computed under the extractor's cache lock: a second caller (here a
+    thread; notebooks side by side in make reproduce are processes) waits, then reads what the
+    first wrote instead of computing it again."""
+    import threading
+    import time
+
+    from kdsl_utils.features import _cached_batches
+
+    cache, keys, computed = FeatureCache(tmp_path), [f"k{i}" for i in range(6)], []
+
+    def compute(idx):
+        time.sleep(0.2)  # long enough for the other caller to find the lock taken
+        computed.extend(keys[i] for i in idx)
+        return np.ones((len(idx), 3), dtype=np.float32) * np.array(idx)[:, None]
+
+    out = {}
+
+    def call(name):
+        out[name] = _cached_batches(keys, cache, "ns", compute, 3, lambda v: v.shape == (3,),
+                                    batch_size=2, desc="test", progress=False)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(computed) == sorted(keys)  # each once
+    np.testing.assert_array_equal(out["a"], out["b"])
+    np.testing.assert_array_equal(out["a"][:, 0], np.arange(6))
