@@ -150,6 +150,12 @@ class RulesCfg:
     llm_max_tokens: int = 320  # answer budget; the JSON-schema grammar bounds every string
     llm_max_answers: int = 0  # > 0: answers per LLM proposer (per search; 0 = no cap)
     semantic: bool = True  # the LLM may write semantic conditions (e5 cosine, issue 15 1b)
+    # The nearest training record's label as an observable (issue 13): representations.
+    # NeighbourVotes (notebook 04's `full` CPU representation) trained on the fit part,
+    # out of fold for the fit records; costs retrieval_folds + 1 encoder fits (~20 s on real
+    # MIRE). On for mini; off for tiny (its smoke runs stay OCR-free) and for paper (its
+    # representation is notebook 04's Qwen mICL encoder, which is not wired into the rules).
+    nearest_label: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,7 +285,7 @@ def _base(name: str) -> Profile:
         return Profile(name="mini", backend="mini", device="cpu", seeds=(0, 1, 2),
                        augment=AugmentCfg(image_copies=0),
                        rules=RulesCfg(proposer="data", holdout_fraction=0.5,
-                                      llm_max_answers=6))
+                                      llm_max_answers=6, nearest_label=True))
     if name == "tiny":
         # A randomly initialised Qwen2-VL twin: every line of the paper path, on CPU, in seconds.
         return Profile(

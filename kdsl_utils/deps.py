@@ -34,7 +34,8 @@ PKG_DIR = Path(__file__).resolve().parent
 REPO = PKG_DIR.parent
 STAMP_FILE = "results.sha256"
 #: Not results a reader reads: drawings and renderings (a plotting edit changes them), the
-#: run log (its times change every run) and the stamp itself.
+#: run log (its times change every run) and the stamp itself; nor hidden files (the run's
+#: lock and owner files, temporary files of atomic writes).
 STAMP_SKIP = ("run.json", STAMP_FILE, ".png", ".html", ".svg")
 
 
@@ -137,7 +138,8 @@ def make_rules(notebooks: list[Path]) -> str:
 def results_digest(folder: Path | str) -> str:
     """SHA-256 lines (``digest  relative/path``) of the results files under ``folder``."""
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(STAMP_SKIP))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(STAMP_SKIP)
+                   and not p.name.startswith("."))
     return "".join(f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
 
 

@@ -130,11 +130,14 @@ def coverage_rows(result: RuleResult, y: np.ndarray, model_pred: np.ndarray,
 
 def condition_kind(rule: Rule) -> str:
     """The kinds of a rule's conditions, joined: ``keyword``, ``regex``, ``numeric`` (image
-    count), ``scene`` (predicted scene labels), ``semantic`` (e5 cosine to the small model's
-    texts); e.g. ``keyword+semantic``."""
+    count), ``scene`` (predicted scene labels), ``nearest_label`` (the nearest training
+    record's label), ``semantic`` (e5 cosine to the small model's texts); e.g.
+    ``keyword+semantic``."""
     def one(c) -> str:
         if c.op in SEMANTIC_OPS:
             return "semantic"
+        if FIELDS[c.field] == "label":
+            return "nearest_label"
         if FIELDS[c.field] in ("numeric", "scene"):
             return FIELDS[c.field]
         return "keyword" if c.op in KEYWORD_OPS else "regex"

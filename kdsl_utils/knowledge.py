@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import collab
@@ -31,6 +32,7 @@ from .data.splits import stratified_split
 from .features import FeatureCache, default_cache_dir, ocr_images, ocr_text
 from .models.base import FitLog, Predictions
 from .models.registry import make_backend
+from .representations import NeighbourVotes
 from .results import atomic_path
 from .rules.engine import (Observables, build_observables, concat_observables,
                            semantic_embedder, with_embedder)
@@ -112,14 +114,61 @@ def ocr_texts(records: Sequence[Record], *, workers: int = 2, progress: bool = T
     return {r.id: [ocr_text(res.get(p)) for p in r.images] for r in records}
 
 
-def observables_for(records: Sequence[Record], cfg: Profile) -> Observables:
+NEAREST_FILE = "nearest_labels.csv"  # split, id, nearest_label (notebook 02 -> 03)
+
+
+def nearest_labels(cfg: Profile, fit: Sequence[Record], splits: dict[str, Sequence[Record]], *,
+                   seed: int) -> dict[str, list[str]]:
+    """The ``nearest_label`` observable per split (``{}`` where ``RulesCfg.nearest_label``
+    is off): the label of each record's nearest record of its task in the fit part, in the
+    retrieval representation (:class:`~kdsl_utils.representations.NeighbourVotes`) trained
+    on the fit part. Key ``"fit"``: the fit records' own, out of fold (each from a
+    representation and gallery without it), so that mined rules see what a new record
+    would get."""
+    if not cfg.rules.nearest_label:
+        return {}
+    nv = NeighbourVotes(cfg, FeatureCache()).fit(list(fit), seed=seed)
+    return {"fit": nv.nearest(list(fit)), **{s: nv.nearest(list(r)) for s, r in splits.items()}}
+
+
+def save_nearest(out: Path, near: dict[str, list[str]], splits: dict[str, Sequence[Record]]) -> None:
+    """Write :func:`nearest_labels` of ``splits`` (atomically; nothing where it is empty)."""
+    if not near:
+        return
+    rows = [(s, r.id, lbl) for s, recs in splits.items() for r, lbl in zip(recs, near[s])]
+    frame = pd.DataFrame(rows, columns=["split", "id", "nearest_label"])
+    with atomic_path(Path(out) / NEAREST_FILE) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def load_nearest(up: Path, splits: dict[str, Sequence[Record]]) -> dict[str, list[str]]:
+    """Notebook 02's nearest labels for ``splits`` (``{}`` where it wrote none); a record
+    missing from the file is an error naming it (the file belongs to other data)."""
+    path = Path(up) / NEAREST_FILE
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    out = {}
+    for s, recs in splits.items():
+        got = dict(zip(frame.id[frame.split == s], frame.nearest_label[frame.split == s]))
+        missing = [r.id for r in recs if r.id not in got]
+        if missing:
+            raise ValueError(f"{path}: no nearest label for {len(missing)} record(s) of split "
+                             f"{s!r} (first: {missing[0]!r}); re-run notebook 02 on this data")
+        out[s] = [got[r.id] for r in recs]
+    return out
+
+
+def observables_for(records: Sequence[Record], cfg: Profile,
+                    nearest: Sequence[str] | None = None) -> Observables:
     """The fields rules may test, for ``records``: OCR text where the profile decides so
     (``Profile.rules_ocr``; ~1 s per image on a CPU core the first time, then from the
-    feature cache, with ``Profile.ocr_workers`` processes), and the e5 embedder where rules
-    may hold semantic conditions (:func:`semantic_rules`; embeddings computed only when such
-    a condition is evaluated, cached by content)."""
+    feature cache, with ``Profile.ocr_workers`` processes), the nearest training record's
+    label where given (:func:`nearest_labels`), and the e5 embedder where rules may hold
+    semantic conditions (:func:`semantic_rules`; embeddings computed only when such a
+    condition is evaluated, cached by content)."""
     ocr = ocr_texts(records, workers=cfg.ocr_workers) if cfg.rules_ocr else None
-    obs = build_observables(records, ocr_texts=ocr)
+    obs = build_observables(records, ocr_texts=ocr, nearest_label=nearest)
     return with_embedder(obs, semantic_embedder()) if semantic_rules(cfg) else obs
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -77,6 +78,7 @@ from .models import qwen_repr
 from .models.base import Predictions
 from .models.mini import Featurizer, MiniBackend, candidate_mask, extract_inputs
 from .report import ci_rows, paired_gain_ci
+from .workers import run_jobs
 
 EXPERIMENT = "04_representations"
 TEXT_DIM = E5Embedder.dim
@@ -266,6 +268,16 @@ def train(records: Sequence[Record], x: ReprInputs, variant_name: str, rc: ReprC
     return Representation(variant_name, enc, x.visual.copy(), losses, time.perf_counter() - t0)
 
 
+def _train_job(records: Sequence[Record], x: ReprInputs, rc: ReprCfg,
+               job: tuple[str, Sequence[int] | None, int]) -> Representation:
+    """``job`` = (variant, rows of ``records`` to train on (None: all), seed): one
+    :func:`train`, module level so that a worker process can run it."""
+    variant, rows, seed = job
+    if rows is None:
+        return train(records, x, variant, rc, seed=seed)
+    return train([records[i] for i in rows], x.take(rows), variant, rc, seed=seed)
+
+
 # -------------------------------------------------------------------------------- uses
 
 
@@ -397,12 +409,14 @@ class NeighbourVotes:
         fold = np.array([fold_of[g] for g in groups])
         votes = {k: np.zeros((len(records), self.dim)) for k in ks}
         near = [""] * len(records)
-        for f in range(folds):
-            tr = np.flatnonzero(fold != f)
+        used = [f for f in range(folds) if (fold == f).any() and (fold != f).any()]
+        # the fold representations and the final one: independent fits, side by side
+        jobs = [(self.variant, np.flatnonzero(fold != f), seed + 1 + f) for f in used]
+        reps = run_jobs(partial(_train_job, records, x, rc), jobs + [(self.variant, None, seed)],
+                        workers=self.cfg.fit_workers, desc="retrieval encoders",
+                        name=lambda j: f"{j[0]} (seed {j[2]})")
+        for f, rep in zip(used, reps):
             te = np.flatnonzero(fold == f)
-            if not len(te) or not len(tr):
-                continue
-            rep = train([records[i] for i in tr], x.take(tr), self.variant, rc, seed=seed + 1 + f)
             g = [i for i in orig if fold[i] != f]
             vs, nr = self._votes(rep, [records[i] for i in te], x.take(te),
                                  [records[i] for i in g], rep.embed(x.take(g)), ks)
@@ -418,7 +432,7 @@ class NeighbourVotes:
         self.oof = {r.id: (votes[self.k][i].astype(np.float32), near[i])
                     for i, r in enumerate(records)}
         self._fit_block = votes[self.k].astype(np.float32)
-        self.rep = train(records, x, self.variant, rc, seed=seed)
+        self.rep = reps[-1]
         self.gallery = [records[i] for i in orig]
         self.e_gal = self.rep.embed(x.take(orig))
         self.info = {"k": self.k, "oof_weighted_f1": f1, "folds": folds, "variant": self.variant,
@@ -534,9 +548,9 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
     all_recs = fit_aug + dev + [r for t in tests.values() for r in t]
     if rc.encoder == "qwen_micl":  # the LLM reads the records: its inputs are the records
         micl = qwen_repr.MiclEncoder(cfg, progress=progress)
-        x_all, train_fn = qwen_repr.MiclInputs(all_recs), micl.train
+        x_all = qwen_repr.MiclInputs(all_recs)
     else:
-        x_all, train_fn = extract(all_recs, cfg, cache, progress=progress), train
+        x_all = extract(all_recs, cfg, cache, progress=progress)
     n_fa, n_dev = len(fit_aug), len(dev)
     x_fit = x_all.take(range(n_fa))
     x_dev = x_all.take(range(n_fa, n_fa + n_dev))
@@ -546,9 +560,13 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
     for name, recs in tests.items():
         x_tests[name] = x_all.take(range(start, start + len(recs)))
         start += len(recs)
+    if rc.encoder == "qwen_micl":  # one adapter after another on the one GPU model
+        trained = [micl.train(fit_aug, x_fit, v, rc, seed=seed) for v in variants]
+    else:  # independent CPU fits, side by side (Profile.fit_workers)
+        trained = run_jobs(partial(_train_job, fit_aug, x_fit, rc), [(v, None, seed) for v in variants],
+                           workers=cfg.fit_workers, desc="representations", name=lambda j: j[0])
     metrics, preds, proj, fits, reps = [], [], [], [], {}
-    for v in variants:
-        rep = train_fn(fit_aug, x_fit, v, rc, seed=seed)
+    for v, rep in zip(variants, trained):
         reps[v] = rep
         tau = rep.temperature
         e_fit = rep.embed(x_fit.take(range(len(fit))))

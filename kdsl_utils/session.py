@@ -7,9 +7,10 @@ open the results folder. Keeps the notebooks free of set-up code (and of copies 
     S.save_metrics(rows)   # metrics.csv
     S.finish()             # run.json, last
 
-A run owns its results folder ``results/<profile>[-ov<hash>]/<data>/seed<N>/`` while it runs (a lock:
-a second run on the same folder stops with a message naming the first), and removes its own
-``run.json`` when it starts, so a run killed half-way is never taken for a finished one.
+A notebook run owns its results folder ``results/<profile>[-ov<hash>]/<data>/seed<N>/<notebook>/``
+while it runs (a lock: a second run of the same notebook there stops with a message naming the
+first; other notebooks of the run may run beside it, as ``make reproduce`` does), and removes its
+own ``run.json`` when it starts, so a run killed half-way is never taken for a finished one.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Session:
         # Where the time went: OCR / embeddings computed here vs read from the cache.
         self.log.extra["feature_extraction"] = {k: dict(v) for k, v in EXTRACTION_LOG.items()}
         doc = self.log.write(self.out / "run.json")
-        release_results(self.out.parent)
+        release_results(self.out)
         return doc
 
 
@@ -109,7 +110,7 @@ def start(experiment: str, *, profile: str, data_dir: str | None, seed: int, smo
     pdir = results_profile(cfg.name, overrides)
     try:
         out = run_dir(root, pdir, src.tag, experiment, seed=seed)
-        lock_results(out.parent, experiment=experiment)
+        lock_results(out, experiment=experiment)  # this notebook's folder: make runs others beside
         (out / "run.json").unlink(missing_ok=True)  # from here on this run is not finished
     except OSError as e:
         raise OSError(f"cannot write the results folder {root / pdir / src.tag} "

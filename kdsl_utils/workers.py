@@ -9,7 +9,8 @@ safely) with one torch thread, and returns a picklable result. Results are bit-i
 to the same jobs run one after another in this process (tested): a job depends only on its
 arguments.
 
-``workers <= 1`` (the GPU profiles: one model at a time) runs the jobs here, in order.
+``workers <= 1`` (the GPU profiles: one model at a time) runs the jobs here, in order; so
+does a job that runs jobs of its own inside a worker (no pools in pools).
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ class JobError(RuntimeError):
     """A job failed in a worker (or its worker died); names the job."""
 
 
+_IN_WORKER = False  # set in worker processes: their own jobs run in order (no pools in pools)
+
+
 def _init_worker() -> None:
+    global _IN_WORKER
+    _IN_WORKER = True
     torch.set_num_threads(1)
 
 
@@ -41,7 +47,7 @@ def pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     """``workers`` spawned processes (one torch thread each) for several :func:`run_jobs`
     calls in a row, started once (a start costs a few seconds of imports per process);
     None where ``workers <= 1``."""
-    if workers <= 1:
+    if workers <= 1 or _IN_WORKER:
         yield None
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
@@ -59,6 +65,7 @@ def run_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int, desc: str
     the cause. ``bar``: a tqdm bar to advance per finished job (else one is made);
     ``executor``: a running :func:`pool` to use (else one is started for this call)."""
     jobs = list(jobs)
+    workers = 1 if _IN_WORKER else workers
     own = bar is None
     bar = tqdm(total=len(jobs), desc=desc, unit="job") if own else bar
     try:

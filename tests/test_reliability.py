@@ -125,10 +125,15 @@ def test_makefile_deletes_targets_of_failed_recipes():
 def test_second_run_on_same_results_folder_is_refused_naming_the_first(tmp_path):
     s = _start(tmp_path, "01_seesaw")
     code = ("import sys; from kdsl_utils import session\n"
-            "session.start('02_mcts_rules', profile='tiny', data_dir=sys.argv[1], seed=0, smoke=True,"
+            "session.start(sys.argv[3], profile='tiny', data_dir=sys.argv[1], seed=0, smoke=True,"
             " results_dir=sys.argv[2])")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d"), str(tmp_path / "results")],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", code, str(tmp_path / "d"), str(tmp_path / "results")]
+    # another notebook of the same run may start beside it (make reproduce -j2) ...
+    other = subprocess.run(args + ["02_mcts_rules"], capture_output=True, text=True, timeout=120, env=env)
+    assert other.returncode == 0, other.stderr[-2000:]
+    # ... the same notebook may not
+    out = subprocess.run(args + ["01_seesaw"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode != 0
     line = out.stderr.strip().splitlines()[-1]
     assert "RunLockedError" in line and "in use by 01_seesaw" in line and f"pid {os.getpid()}" in line
@@ -136,9 +141,8 @@ def test_second_run_on_same_results_folder_is_refused_naming_the_first(tmp_path)
     again = _start(tmp_path, "01_seesaw")  # the same process (a re-run cell) keeps its lock
     assert again.out == s.out
     s.save_metrics([ROW])
-    s.finish()  # releases: another seed / process may now use the folder
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d"), str(tmp_path / "results")],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    s.finish()  # releases: another process may now use the folder
+    out = subprocess.run(args + ["01_seesaw"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
 
 

@@ -197,7 +197,7 @@ def _noise_table(recs, seed=0):
 
 
 TINY_RC = dict(repr__epochs=2, repr__dim=16, repr__k_grid=[1, 3], mini__retrieval=True,
-               mini__retrieval_folds=3)
+               mini__retrieval_folds=3, mini__workers=1)  # fits in order: no process start per test
 
 
 def test_neighbour_votes_never_vote_for_the_record_itself(monkeypatch):
@@ -304,3 +304,37 @@ def test_versus_joint_rows_and_the_representation_table():
     assert t["Δ test1"].notna().sum() == 2  # the joint has no gain over itself
     with pytest.raises(ValueError, match="seed 7"):
         R.versus_joint_rows(uses, joint, seed=7)
+
+
+def test_nearest_labels_reach_the_rules_of_notebooks_02_and_03(monkeypatch, tmp_path):
+    """knowledge.nearest_labels: the fit part's own labels out of fold, other splits looked up
+    in the fit part; saved by notebook 02, read back by 03 (a record missing is named)."""
+    from kdsl_utils import kdsl_eval, knowledge
+
+    recs, _ = dataset(n_per_label=6, n_labels=4)
+    test = [rec(f"t{i}", r.task, r.label) for i, r in enumerate(recs[:8])]
+    table = _noise_table(recs)
+    table.update({t.id: table[r.id] for t, r in zip(test, recs[:8])})  # a test record = a fit record
+    monkeypatch.setattr(R, "extract", _fake_extract(table))
+    monkeypatch.setattr(knowledge, "FeatureCache", lambda: None)
+    cfg = resolve("mini", **TINY_RC)
+    assert knowledge.nearest_labels(resolve("tiny"), recs, {"test1": test}, seed=0) == {}
+    near = knowledge.nearest_labels(cfg, recs, {"test1": test}, seed=0)
+    assert set(near) == {"fit", "test1"} and len(near["fit"]) == len(recs)
+    assert near["test1"] == [r.label for r in recs[:8]]  # found its twin in the fit part
+    knowledge.save_nearest(tmp_path, near, {"test1": test})
+    assert knowledge.load_nearest(tmp_path, {"test1": test}) == {"test1": near["test1"]}
+    assert knowledge.load_nearest(tmp_path / "none", {"test1": test}) == {}
+    with pytest.raises(ValueError, match=r"no nearest label for 1 record\(s\) of split 'test1' \(first: 'x'\)"):
+        knowledge.load_nearest(tmp_path, {"test1": test + [rec("x", "image", IMAGE_LABELS[0])]})
+    monkeypatch.setattr(knowledge, "ocr_texts", lambda *a, **k: {})
+    obs = knowledge.observables_for(test, replace_rules_ocr(cfg), near["test1"])
+    assert obs.fields["nearest_label"] == near["test1"] and "nearest_label" in obs.available
+    rule = make_rule(test[0].task, test[0].label, [Condition("nearest_label", "keyword_any", (test[0].label,))])
+    assert kdsl_eval.condition_kind(rule) == "nearest_label"
+
+
+def replace_rules_ocr(cfg):
+    """The profile without OCR observables (the fake extractor has no images to read)."""
+    from dataclasses import replace
+    return replace(cfg, mini=replace(cfg.mini, ocr=False))
