@@ -45,7 +45,7 @@ from .models.registry import make_backend
 from .results import atomic_path
 from .seesaw_files import (EPOCHS, FITS_FILE, INTERFERENCE_FILE, PREDICTIONS_FILE, SCHEDULES,
                            STEPS, variant_name)
-from .workers import pool, run_jobs
+from .workers import run_jobs
 
 
 def predictions_frame(preds: Predictions, **keys) -> pd.DataFrame:
@@ -188,42 +188,42 @@ def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequen
         make_backend(cfg, **dict(backend_kwargs or {})).inputs(
             kw["train"] + [r for recs in kw["tests"].values() for r in recs])
     job = partial(_fit_job, kw)
-    with pool(workers) as ex:
-        def fit_all(jobs):
-            return zip(jobs, run_jobs(job, jobs, workers=workers, bar=bar, desc="seesaw fits",
-                                      name=_job_name, executor=ex))
 
-        for chunk in ([list(seeds)] if workers > 1 else [[s] for s in seeds]):
-            runs: dict[int, dict[str, dict[str, _Fit]]] = {s: {EPOCHS: {}} for s in chunk}
-            for (s, m, _, _), fit in fit_all([(s, m, EPOCHS, None) for s in chunk for m in mixes]):
-                runs[s][EPOCHS][m] = fit
-            if STEPS in schedules:
-                second = []
-                for s in chunk:
-                    budgets[s] = step_budget({m: r.row["steps"] for m, r in runs[s][EPOCHS].items()})
-                    runs[s][STEPS] = {}
-                    for m in mixes:
-                        done = runs[s][EPOCHS][m]
-                        if done.row["steps"] == budgets[s]:
-                            runs[s][STEPS][m] = done.as_schedule(STEPS, budgets[s])
-                            bar.update()
-                        else:
-                            second.append((s, m, STEPS, budgets[s]))
-                for (s, m, _, _), fit in fit_all(second):
-                    runs[s][STEPS][m] = fit
+    def fit_all(jobs):
+        return zip(jobs, run_jobs(job, jobs, workers=workers, bar=bar, desc="seesaw fits",
+                                  name=_job_name))
+
+    for chunk in ([list(seeds)] if workers > 1 else [[s] for s in seeds]):
+        runs: dict[int, dict[str, dict[str, _Fit]]] = {s: {EPOCHS: {}} for s in chunk}
+        for (s, m, _, _), fit in fit_all([(s, m, EPOCHS, None) for s in chunk for m in mixes]):
+            runs[s][EPOCHS][m] = fit
+        if STEPS in schedules:
+            second = []
             for s in chunk:
-                for schedule, by_mix in runs[s].items():
-                    by_mix = {m: by_mix[m] for m in mixes}  # mix order, whatever finished first
-                    preds += [f for r in by_mix.values() for f in r.frames]
-                    fits += [r.row for r in by_mix.values()]
-                    if set(by_mix) >= {"image", "intent", "joint"}:
-                        # which tasks reach each block: measured on the joint run (the only
-                        # one that sees both tasks' records)
-                        t = interference_table(by_mix["image"].delta, by_mix["intent"].delta,
-                                               by_mix["joint"].delta,
-                                               inputs=by_mix["joint"].inputs)
-                        tables.append(t.assign(seed=s, schedule=schedule))
-            del runs  # these seeds' weight updates
+                budgets[s] = step_budget({m: r.row["steps"] for m, r in runs[s][EPOCHS].items()})
+                runs[s][STEPS] = {}
+                for m in mixes:
+                    done = runs[s][EPOCHS][m]
+                    if done.row["steps"] == budgets[s]:
+                        runs[s][STEPS][m] = done.as_schedule(STEPS, budgets[s])
+                        bar.update()
+                    else:
+                        second.append((s, m, STEPS, budgets[s]))
+            for (s, m, _, _), fit in fit_all(second):
+                runs[s][STEPS][m] = fit
+        for s in chunk:
+            for schedule, by_mix in runs[s].items():
+                by_mix = {m: by_mix[m] for m in mixes}  # mix order, whatever finished first
+                preds += [f for r in by_mix.values() for f in r.frames]
+                fits += [r.row for r in by_mix.values()]
+                if set(by_mix) >= {"image", "intent", "joint"}:
+                    # which tasks reach each block: measured on the joint run (the only
+                    # one that sees both tasks' records)
+                    t = interference_table(by_mix["image"].delta, by_mix["intent"].delta,
+                                           by_mix["joint"].delta,
+                                           inputs=by_mix["joint"].inputs)
+                    tables.append(t.assign(seed=s, schedule=schedule))
+        del runs  # these seeds' weight updates
     bar.close()
     pred = pd.concat(preds, ignore_index=True)
     if set(mixes) >= {"image", "intent"}:

@@ -5,7 +5,8 @@ The ``mini`` fits are small single-threaded torch programs (one intra-op thread,
 would not do: a fit seeds torch's global generator (weight init, dropout), which threads
 share. So each job runs in a fresh ``spawn`` process (not ``fork``: the parent — a Jupyter
 kernel — has live OpenMP and onnxruntime threads, which ``fork`` does not carry over
-safely) with one torch thread, and returns a picklable result. Results are bit-identical
+safely) with one torch thread, and returns a picklable result. The processes are started at
+the first fan-out and kept for the next (one start per notebook kernel). Results are bit-identical
 to the same jobs run one after another in this process (tested): a job depends only on its
 arguments.
 
@@ -15,9 +16,9 @@ does a job that runs jobs of its own inside a worker (no pools in pools).
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import multiprocessing as mp
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -42,34 +43,41 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-@contextlib.contextmanager
-def pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """``workers`` spawned processes (one torch thread each) for several :func:`run_jobs`
-    calls in a row, started once (a start costs a few seconds of imports per process);
-    None where ``workers <= 1``."""
-    if workers <= 1 or _IN_WORKER:
-        yield None
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker) as ex:
-        yield ex
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """This process's pool of ``workers`` spawned processes, started at first use and kept
+    (a start costs several seconds of imports per process; notebook 04 fans out twice) until
+    the process ends or a worker dies."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                                              mp_context=mp.get_context("spawn"))
+    return _POOLS[workers]
+
+
+def shutdown() -> None:
+    """Stop the worker processes (the next :func:`run_jobs` starts new ones)."""
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown(wait=False, cancel_futures=True)
+
+
+atexit.register(shutdown)
 
 
 def run_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int, desc: str,
-             name: Callable[[J], str] = repr, bar: Any = None,
-             executor: ProcessPoolExecutor | None = None) -> list[R]:
+             name: Callable[[J], str] = repr, bar: Any = None) -> list[R]:
     """``[fn(job) for job in jobs]``, with up to ``workers`` jobs at a time in worker
     processes (``fn`` and the jobs must pickle: ``fn`` a module-level function, or a
     ``functools.partial`` of one). Results come back in the order of ``jobs``. A failing
     job raises :class:`JobError` naming it (``name(job)``), with the worker's exception as
-    the cause. ``bar``: a tqdm bar to advance per finished job (else one is made);
-    ``executor``: a running :func:`pool` to use (else one is started for this call)."""
+    the cause. ``bar``: a tqdm bar to advance per finished job (else one is made)."""
     jobs = list(jobs)
     workers = 1 if _IN_WORKER else workers
     own = bar is None
     bar = tqdm(total=len(jobs), desc=desc, unit="job") if own else bar
     try:
-        if workers <= 1 or (len(jobs) <= 1 and executor is None):
+        if workers <= 1 or len(jobs) <= 1:
             out = []
             for job in jobs:
                 try:
@@ -79,21 +87,21 @@ def run_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int, desc: str
                 bar.update()
             return out
         results: dict[int, R] = {}
-        with contextlib.ExitStack() as stack:
-            ex = executor or stack.enter_context(pool(min(workers, len(jobs))))
-            futures = {ex.submit(fn, job): i for i, job in enumerate(jobs)}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    results[i] = fut.result()
-                except BrokenProcessPool as e:
-                    raise JobError(f"{desc}: a worker process died (killed for memory?) "
-                                   f"while running {name(jobs[i])}") from e
-                except Exception as e:
-                    for f in futures:
-                        f.cancel()
-                    raise JobError(f"{desc}: {name(jobs[i])} failed: {e}") from e
-                bar.update()
+        ex = _pool(workers)
+        futures = {ex.submit(fn, job): i for i, job in enumerate(jobs)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                results[i] = fut.result()
+            except BrokenProcessPool as e:
+                shutdown()
+                raise JobError(f"{desc}: a worker process died (killed for memory?) "
+                               f"while running {name(jobs[i])}") from e
+            except Exception as e:
+                for f in futures:
+                    f.cancel()
+                raise JobError(f"{desc}: {name(jobs[i])} failed: {e}") from e
+            bar.update()
         return [results[i] for i in range(len(jobs))]
     finally:
         if own:
