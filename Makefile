@@ -166,9 +166,12 @@ lab: $(STAMP) ## JupyterLab on notebooks/ with the project's kernel (LAB_ARGS=--
 	cd notebooks && $(abspath $(VENV))/bin/jupyter lab --port $(LAB_PORT) --ServerApp.root_dir=. \
 	  $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)  # root: containers, CI boxes
 
+# Where the report writes (benchmarks/reproduce_time.py points both into its temporary folder).
+FIGURES_DIR ?= $(CURDIR)/figures
+REPORT_README ?= $(CURDIR)/README.md
 figures: $(STAMP) ## regenerate figures and the README results section from results files
 	$(PY) -m kdsl_utils.notebooks 90_report --out "$(PRODUCTS_ABS)/report" -p RESULTS_DIR "$(RESULTS_ABS)" \
-	  -p FIGURES_DIR "$(CURDIR)/figures" -p README "$(CURDIR)/README.md"
+	  -p FIGURES_DIR "$(call userpath,$(FIGURES_DIR))" -p README "$(call userpath,$(REPORT_README))"
 
 lint: $(STAMP) ## ruff over the package and tests
 	$(PY) -m pip install -q ruff==0.17.5 && $(PY) -m ruff check kdsl_utils tests benchmarks

@@ -33,6 +33,7 @@ import pandas as pd
 
 from .data.labels import ALL_LABELS
 from .data.records import Record
+from .data.splits import stratified_folds
 from .metrics import weighted_f1_idx
 from .rules.engine import CombineFn, RuleResult
 from .rules.mcts import EvalSet, SearchResult, split_dev, trust
@@ -126,16 +127,6 @@ def choose_on_dev(proba_dev: np.ndarray, result_dev: RuleResult, y_dev: np.ndarr
 GATES = ("crossfit", "split", "insample")
 
 
-def gate_folds(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Fold number (0..k-1) per record, stratified: records ordered by label (randomly within
-    a label, seeded) and dealt round-robin, so a label's records spread over the folds."""
-    y = np.asarray(y)
-    order = np.lexsort((np.random.default_rng(seed).random(len(y)), y))
-    folds = np.empty(len(y), dtype=np.int64)
-    folds[order] = np.arange(len(y)) % max(1, k)
-    return folds
-
-
 def _prior(rules: Sequence[Any]) -> np.ndarray:
     """Each rule's precision before the held-out part: its training precision
     (``provenance['train_stats']``, kept by ``rules.mcts._finalise``), else its stats'."""
@@ -164,7 +155,8 @@ def gate_gain(rules: Sequence[Any], holdout: EvalSet, *, gate: str = "crossfit",
     strategy, apply it" over the model alone, and one row per fold (fold, n, strategy chosen
     without that fold, the fold's own gain).
 
-    * ``crossfit``: ``folds`` stratified folds (:func:`gate_folds`, at most one per record);
+    * ``crossfit``: ``folds`` stratified folds (:func:`.data.splits.stratified_folds`, at
+      most one per record);
       fold k's labels come from the trust and strategy chosen on the other folds; the gain is
       F1(out-of-fold labels) − F1(model) over the whole held-out part;
     * ``split``: chosen on ``1 - verify_fraction`` of it, scored on the rest (stratified);
@@ -190,7 +182,7 @@ def gate_gain(rules: Sequence[Any], holdout: EvalSet, *, gate: str = "crossfit",
                                        "gain": 0.0}])
         parts = [(c_idx, v_idx)]
     else:
-        f = gate_folds(y, min(folds, len(y)), seed)
+        f = stratified_folds(y, min(folds, len(y)), seed)
         parts = [(np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in np.unique(f)]
     oof = np.full(len(y), -1, dtype=np.int64)
     rows = []

@@ -54,6 +54,7 @@ from .hashing import canonical_json, sha256_text
 from .metrics import metric_rows
 from .models.base import Predictions
 from .models.qwen_vl import QwenVLBackend
+from .models.registry import release
 from .models.scoring import (
     _fill_row,
     _prefix_inputs,
@@ -65,7 +66,6 @@ from .models.scoring import (
     softmax,
 )
 from .models.sft import IGNORE_INDEX, SFTCollator, plan_dataset, sft_dataset
-from .seesaw import release
 from .threads import torch_threads
 
 try:  # the CPU small language model (optional extra `small-lm`; merged from its own branch)

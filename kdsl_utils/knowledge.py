@@ -16,13 +16,11 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import collab
 from .config import Profile
@@ -31,7 +29,7 @@ from .data.records import Record
 from .data.splits import stratified_split
 from .features import FeatureCache, default_cache_dir, ocr_images, ocr_text
 from .models.base import FitLog, Predictions
-from .models.registry import make_backend
+from .models.registry import make_backend, release
 from .representations import NeighbourVotes
 from .results import atomic_path
 from .rules.engine import (Observables, build_observables, concat_observables,
@@ -61,10 +59,7 @@ def fit_and_score(cfg: Profile, train: Sequence[Record], score: dict[str, Sequen
     proba = {split: model.predict_proba(recs) for split, recs in score.items()}
     if save_to is not None:
         model.save(save_to)
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release(model)
     return log, proba
 
 

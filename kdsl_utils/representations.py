@@ -71,7 +71,7 @@ from .contrastive import partners as _partners
 from .data.augment import dialogue_dropout
 from .data.labels import ALL_LABELS, LABEL_INDEX, TASKS, label_indices
 from .data.records import Record
-from .data.splits import stratified_split
+from .data.splits import stratified_folds, stratified_split
 from .features import E5Embedder, FeatureCache, embed_texts, torch_threads
 from .metrics import POOLED, metric_rows
 from .models import qwen_repr
@@ -395,17 +395,7 @@ class NeighbourVotes:
         groups = np.array([base_id(r.id) for r in records])
         bases = sorted(set(groups))
         lab = {base_id(r.id): r.label for r in records}
-        fold_of: dict[str, int] = {}
-        rng = np.random.default_rng(seed)
-        by_label: dict[str, list[str]] = {}
-        for b in bases:
-            by_label.setdefault(lab[b], []).append(b)
-        start = 0
-        for label in sorted(by_label):  # round-robin per label, rotated: folds stay balanced
-            bs = list(rng.permutation(by_label[label]))
-            for j, b in enumerate(bs):
-                fold_of[b] = (start + j) % folds
-            start += len(bs)
+        fold_of = dict(zip(bases, stratified_folds([lab[b] for b in bases], folds, seed)))
         fold = np.array([fold_of[g] for g in groups])
         votes = {k: np.zeros((len(records), self.dim)) for k in ks}
         near = [""] * len(records)

@@ -24,7 +24,6 @@ ever held; side by side on the CPU: all seeds', see :func:`run_seesaw`).
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from .config import Profile
@@ -41,7 +39,7 @@ from .data.records import Record
 from .interference import interference_table
 from .metrics import metric_rows
 from .models.base import MIXES, Predictions, mix_tasks, select_mix
-from .models.registry import make_backend
+from .models.registry import make_backend, release
 from .results import atomic_path
 from .seesaw_files import (EPOCHS, FITS_FILE, INTERFERENCE_FILE, PREDICTIONS_FILE, SCHEDULES,
                            STEPS, variant_name)
@@ -66,16 +64,6 @@ class SeesawRun:
     fits: pd.DataFrame  # seed, schedule, variant, n_train, steps, budget, epochs, reused, ...
     interference: pd.DataFrame  # seed, schedule, layer, inputs, statistics (interference_table)
     budgets: dict[int, int]  # seed -> the step budget of its ``steps`` schedule
-
-
-def release(backend) -> None:
-    """Drop a fitted backend's model and free its memory (garbage collection for peft's
-    reference cycles, then the CUDA cache), so that the next fit never finds a second large
-    model alive: at 7B two would not fit on one GPU."""
-    backend.model = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def step_budget(epoch_steps: Mapping[str, int]) -> int:

@@ -9,9 +9,10 @@ import pandas as pd
 
 import pytest
 
-from kdsl_utils.collab import (choose_on_dev, decisions, fusion, gate_folds, gate_gain,
+from kdsl_utils.collab import (choose_on_dev, decisions, fusion, gate_gain,
                                inject_rules, make_fusion, make_override, ship)
 from kdsl_utils.data.labels import ALL_LABELS, INTENT_LABELS
+from kdsl_utils.data.splits import stratified_folds
 from kdsl_utils.data.prompts import intent_instruction
 from kdsl_utils.data.records import Record, Turn
 from kdsl_utils.metrics import weighted_f1_idx
@@ -135,10 +136,10 @@ KW = ("甲", "乙", "丙", "丁", "戊")
 
 def test_gate_folds_are_stratified_and_seeded():
     y = np.array([0] * 5 + [1] * 5 + [2] * 3)
-    f = gate_folds(y, 5, seed=1)
+    f = stratified_folds(y, 5, seed=1)
     assert sorted(np.bincount(f)) == [2, 2, 3, 3, 3]
     assert all(len(set(f[y == lab])) == (y == lab).sum() for lab in (0, 1, 2))  # spread out
-    assert (f == gate_folds(y, 5, seed=1)).all() and not (f == gate_folds(y, 5, seed=2)).all()
+    assert (f == stratified_folds(y, 5, seed=1)).all() and not (f == stratified_folds(y, 5, seed=2)).all()
 
 
 def test_crossfit_gate_refuses_a_rule_set_that_wins_only_in_sample():

@@ -118,3 +118,18 @@ def test_hf_dataset(tmp_path):
     assert ds.num_rows == 4 and ds[0]["images"] == [str(recs[0].images[0])]
     ds_img = to_hf_dataset(recs, decode_images=True)
     assert ds_img[0]["images"][0].size == (64, 96)
+
+
+def test_stratified_folds_spread_each_label_and_balance_sizes():
+    from kdsl_utils.data.splits import stratified_folds
+
+    labels = ["a"] * 7 + ["b"] * 5 + ["c"] * 2
+    f = stratified_folds(labels, 3, seed=4)
+    assert f.shape == (14,) and set(f) == {0, 1, 2}
+    sizes = np.bincount(f)
+    assert sizes.max() - sizes.min() <= 1
+    for lab in "abc":
+        per = np.bincount(f[np.array(labels) == lab], minlength=3)
+        assert per.max() - per.min() <= 1, lab  # a label's items spread over the folds
+    assert (f == stratified_folds(labels, 3, seed=4)).all()
+    assert not all((stratified_folds(labels, 3, seed=s) == f).all() for s in range(5, 9))

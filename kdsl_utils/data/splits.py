@@ -1,5 +1,6 @@
 """The one seeded, stratified splitter of the package (dev folds of notebooks 02-03, the
-search / held-out parts of the MCTS dev fold).
+search / held-out parts of the MCTS dev fold), and its K-fold form (the ship gate's folds,
+the retriever's cross-fitting folds).
 
 Stratification is by label (and so by task). Labels with too few examples to split are
 kept whole on the training side, so a held-out part never steals the only example of a class.
@@ -67,3 +68,14 @@ def stratified_split(records: Sequence[Record], fraction: float, seed: int,
     rest, held = stratified_indices([r.label for r in records], fraction, seed,
                                     keys=[r.id for r in records], min_keep=min_keep)
     return [records[i] for i in rest], [records[i] for i in held]
+
+
+def stratified_folds(labels: Sequence[Hashable], k: int, seed: int = 0) -> np.ndarray:
+    """(n,) fold number 0..k-1 per item, stratified: items ordered by label (randomly within
+    a label, seeded) and dealt round-robin, so each label's items spread over the folds and
+    fold sizes differ by at most one."""
+    y = np.asarray(list(labels))
+    order = np.lexsort((np.random.default_rng(seed).random(len(y)), y))
+    folds = np.empty(len(y), dtype=np.int64)
+    folds[order] = np.arange(len(y)) % max(1, k)
+    return folds

@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
+
+import torch
 
 from ..config import Profile
 from ..features import FeatureCache
@@ -37,3 +40,13 @@ def make_backend(cfg: Profile, **kwargs):
 def load_backend(cfg: Profile, path: Path):
     """A backend saved by ``backend.save(path)``, for the profile's backend type."""
     return backend_class(cfg).load(path, cfg)
+
+
+def release(backend) -> None:
+    """Drop a fitted backend's model and free its memory (garbage collection for peft's
+    reference cycles, then the CUDA cache), so that the next fit never finds a second large
+    model alive: at 7B two would not fit on one GPU."""
+    backend.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
