@@ -78,7 +78,7 @@ from .models import qwen_repr
 from .models.base import Predictions
 from .models.mini import Featurizer, MiniBackend, candidate_mask, extract_inputs
 from .report import ci_rows, paired_gain_ci
-from .workers import run_jobs
+from .workers import prestart, run_jobs
 
 EXPERIMENT = "04_representations"
 TEXT_DIM = E5Embedder.dim
@@ -388,6 +388,7 @@ class NeighbourVotes:
         t0 = time.perf_counter()
         records = list(records)
         rc, folds = self.cfg.repr, self.cfg.mini.retrieval_folds
+        prestart(self.cfg.fit_workers, __name__)  # the workers import while features are read
         x = extract(records, self.cfg, self.cache, progress=self.progress)
         orig = [i for i, r in enumerate(records) if "#" not in r.id]  # the gallery: originals
         ks = tuple(rc.k_grid)
@@ -540,6 +541,7 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
         micl = qwen_repr.MiclEncoder(cfg, progress=progress)
         x_all = qwen_repr.MiclInputs(all_recs)
     else:
+        prestart(cfg.fit_workers, __name__)  # the workers import while the features are read
         x_all = extract(all_recs, cfg, cache, progress=progress)
     n_fa, n_dev = len(fit_aug), len(dev)
     x_fit = x_all.take(range(n_fa))

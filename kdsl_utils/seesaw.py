@@ -43,7 +43,7 @@ from .models.registry import make_backend, release
 from .results import atomic_path
 from .seesaw_files import (EPOCHS, FITS_FILE, INTERFERENCE_FILE, PREDICTIONS_FILE, SCHEDULES,
                            STEPS, variant_name)
-from .workers import run_jobs
+from .workers import prestart, run_jobs
 
 
 def predictions_frame(preds: Predictions, **keys) -> pd.DataFrame:
@@ -173,6 +173,7 @@ def run_seesaw(cfg: Profile, train: Sequence[Record], tests: Mapping[str, Sequen
           "work_dir": work_dir, "backend_kwargs": backend_kwargs}
     workers = cfg.fit_workers
     if workers > 1:  # features once, here (mini: OCR, encoders -> the feature cache)
+        prestart(workers, __name__)  # the workers import while the features are read
         make_backend(cfg, **dict(backend_kwargs or {})).inputs(
             kw["train"] + [r for recs in kw["tests"].values() for r in recs])
     job = partial(_fit_job, kw)

@@ -17,6 +17,7 @@ does a job that runs jobs of its own inside a worker (no pools in pools).
 from __future__ import annotations
 
 import atexit
+import importlib
 import multiprocessing as mp
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -54,6 +55,17 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
                                               mp_context=mp.get_context("spawn"))
     return _POOLS[workers]
+
+
+def prestart(workers: int, module: str) -> None:
+    """Start the pool now and have each worker import ``module`` (the jobs' own module), so
+    that the seconds of imports overlap with the work the caller does before its first
+    :func:`run_jobs` (reading features). No-op where ``workers <= 1``."""
+    if workers <= 1 or _IN_WORKER:
+        return
+    ex = _pool(workers)
+    for _ in range(workers):
+        ex.submit(importlib.import_module, module)
 
 
 def shutdown() -> None:
