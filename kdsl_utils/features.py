@@ -28,15 +28,12 @@ tqdm progress bar. The settings and their measured costs: ``benchmarks/README.md
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.metadata as md
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -60,6 +57,7 @@ from tqdm.auto import tqdm
 from .data.images import DECODER_VERSION, bgr_array, load_rgb
 from .hashing import json_digest, sha256_file, sha256_text
 from .threads import torch_threads
+from .workers import pool, shutdown
 
 CACHE_ENV = "KDSL_FEATURE_CACHE"
 
@@ -434,13 +432,11 @@ def _unique(paths: Iterable[str | Path]) -> list[Path]:
 
 
 _WORKER_OCR: RapidOcr | None = None
+OCR_POOL = "ocr"  # its name among kdsl_utils.workers' pools
 
 
 def _ocr_worker_init(params: OcrParams) -> None:
     global _WORKER_OCR
-    # An interrupt (Ctrl-C, or papermill shutting the kernel down) goes to the parent, which
-    # shuts the pool down; workers ignoring it do not print a traceback each.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_OCR = RapidOcr(params)
 
 
@@ -451,31 +447,17 @@ def _ocr_worker(item: tuple[str, str]) -> tuple[str, dict, dict[str, float]]:
     return key, res, _WORKER_OCR.last_stages
 
 
-_POOL: dict[tuple[int, OcrParams], ProcessPoolExecutor] = {}
-
-
 def _ocr_pool(workers: int, params: OcrParams) -> ProcessPoolExecutor:
-    """The process's OCR worker pool, started on first use and kept: a notebook calls
-    :func:`ocr_images` several times (train, each test split, each observables set) and a
-    fresh pool costs a few seconds each time (spawn, imports, two ONNX sessions per worker)."""
-    key = (workers, params)
-    if key not in _POOL:
-        shutdown_ocr_pool()
-        if not _POOL_EXIT_HOOK:
-            atexit.register(shutdown_ocr_pool)
-            _POOL_EXIT_HOOK.append(True)
-        _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_ocr_worker_init, initargs=(params,))
-    return _POOL[key]
-
-
-_POOL_EXIT_HOOK: list[bool] = []
+    """The process's OCR worker pool (:func:`kdsl_utils.workers.pool`), started on first
+    use and kept: a notebook calls :func:`ocr_images` several times (train, each test split,
+    each observables set) and a fresh pool costs a few seconds each time (spawn, imports,
+    two ONNX sessions per worker); other settings replace it."""
+    return pool(OCR_POOL, workers, _ocr_worker_init, (params,))
 
 
 def shutdown_ocr_pool() -> None:
     """Stop the OCR worker processes (also run at interpreter exit)."""
-    while _POOL:
-        _POOL.popitem()[1].shutdown(wait=True, cancel_futures=True)
+    shutdown(OCR_POOL, wait=True)
 
 
 def ocr_images(paths: Iterable[str | Path], cache: FeatureCache, *, workers: int = 1,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import multiprocessing as mp
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -38,40 +39,60 @@ class JobError(RuntimeError):
 _IN_WORKER = False  # set in worker processes: their own jobs run in order (no pools in pools)
 
 
-def _init_worker() -> None:
+def _init_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
     global _IN_WORKER
     _IN_WORKER = True
+    # An interrupt (Ctrl-C, or papermill shutting the kernel down) goes to the parent, which
+    # shuts the pool down; workers ignoring it do not print a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    if initializer is not None:
+        initializer(*initargs)
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
+FITS = "fits"  # the pool of run_jobs
+_POOLS: dict[str, tuple[tuple, ProcessPoolExecutor]] = {}  # name -> (set-up, pool)
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """This process's pool of ``workers`` spawned processes, started at first use and kept
-    (a start costs several seconds of imports per process; notebook 04 fans out twice) until
-    the process ends or a worker dies."""
-    if workers not in _POOLS:
-        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                              mp_context=mp.get_context("spawn"))
-    return _POOLS[workers]
+def pool(name: str, workers: int, initializer: Callable[..., None] | None = None,
+         initargs: tuple = ()) -> ProcessPoolExecutor:
+    """This process's pool ``name`` (``"fits"``; ``"ocr"``, see :func:`kdsl_utils.features.
+    ocr_images`) of ``workers`` spawned processes, each set up by ``initializer(*initargs)``:
+    started at first use and kept, since a start costs several seconds of imports per
+    process and a notebook fans out several times, until the process ends or a worker dies.
+    A request with another worker count or set-up replaces the running pool of that name."""
+    key = (workers, initializer, initargs)
+    if name in _POOLS and _POOLS[name][0] != key:
+        shutdown(name, wait=True)
+    if name not in _POOLS:
+        _POOLS[name] = (key, ProcessPoolExecutor(max_workers=workers,
+                                                 mp_context=mp.get_context("spawn"),
+                                                 initializer=_init_worker,
+                                                 initargs=(initializer, initargs)))
+    return _POOLS[name][1]
+
+
+def running(name: str) -> ProcessPoolExecutor | None:
+    """The pool ``name`` if it runs, else None."""
+    return _POOLS[name][1] if name in _POOLS else None
 
 
 def prestart(workers: int, module: str) -> None:
-    """Start the pool now and have each worker import ``module`` (the jobs' own module), so
-    that the seconds of imports overlap with the work the caller does before its first
+    """Start the fits pool now and have each worker import ``module`` (the jobs' own module),
+    so that the seconds of imports overlap with the work the caller does before its first
     :func:`run_jobs` (reading features). No-op where ``workers <= 1``."""
     if workers <= 1 or _IN_WORKER:
         return
-    ex = _pool(workers)
+    ex = pool(FITS, workers)
     for _ in range(workers):
         ex.submit(importlib.import_module, module)
 
 
-def shutdown() -> None:
-    """Stop the worker processes (the next :func:`run_jobs` starts new ones)."""
-    while _POOLS:
-        _POOLS.popitem()[1].shutdown(wait=False, cancel_futures=True)
+def shutdown(name: str | None = None, *, wait: bool = False) -> None:
+    """Stop the pool ``name`` (every pool: None); the next use starts new processes."""
+    for n in [name] if name is not None else list(_POOLS):
+        if n in _POOLS:
+            _POOLS.pop(n)[1].shutdown(wait=wait, cancel_futures=True)
 
 
 atexit.register(shutdown)
@@ -99,14 +120,14 @@ def run_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int, desc: str
                 bar.update()
             return out
         results: dict[int, R] = {}
-        ex = _pool(workers)
+        ex = pool(FITS, workers)
         futures = {ex.submit(fn, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             i = futures[fut]
             try:
                 results[i] = fut.result()
             except BrokenProcessPool as e:
-                shutdown()
+                shutdown(FITS)
                 raise JobError(f"{desc}: a worker process died (killed for memory?) "
                                f"while running {name(jobs[i])}") from e
             except Exception as e:

@@ -257,7 +257,7 @@ def test_file_hash_follows_content_changes(tmp_path):
 
 def test_ocr_pool_is_reused_and_matches_in_process(tmp_path, original):
     """Two calls with misses share one pool (started once); results equal in-process OCR."""
-    from kdsl_utils import features
+    from kdsl_utils import features, workers
 
     paths = []
     for i in range(8):  # 4 * workers misses: the pool path
@@ -267,12 +267,12 @@ def test_ocr_pool_is_reused_and_matches_in_process(tmp_path, original):
     features.shutdown_ocr_pool()
     try:
         pooled = ocr_images(paths, FeatureCache(tmp_path / "a"), workers=2, progress=False)
-        pool = next(iter(features._POOL.values()))
+        pool = workers.running(features.OCR_POOL)
         ocr_images(paths, FeatureCache(tmp_path / "b"), workers=2, progress=False)
-        assert next(iter(features._POOL.values())) is pool and len(features._POOL) == 1
+        assert workers.running(features.OCR_POOL) is pool and pool is not None
     finally:
         features.shutdown_ocr_pool()
-    assert not features._POOL
+    assert workers.running(features.OCR_POOL) is None
     assert pooled == ocr_images(paths, FeatureCache(tmp_path / "c"), workers=1, progress=False)
 
 
