@@ -60,25 +60,24 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.manifold import TSNE
-from torch import nn
 
 from . import seesaw_files
-from .config import Profile, ReprCfg
-from .contrastive import VARIANTS, Gate, Variant, contrastive_loss
-from .contrastive import partners as _partners
+from .config import Profile
+from .contrastive import VARIANTS
 from .data.augment import dialogue_dropout
 from .data.labels import ALL_LABELS, LABEL_INDEX, TASKS, label_indices
 from .data.records import Record
 from .data.splits import stratified_folds, stratified_split
-from .features import E5Embedder, FeatureCache, embed_texts, torch_threads
+from .features import E5Embedder, FeatureCache, embed_texts
 from .metrics import POOLED, metric_rows
 from .models import qwen_repr
-from .models.base import Predictions
-from .models.mini import Featurizer, MiniBackend, candidate_mask, extract_inputs
+from .models.base import Predictions, select_mix
+from .models.mini import MiniBackend, candidate_mask, extract_inputs
+from . import record_encoder
+from .record_encoder import ReprInputs, Representation, train_job
 from .report import ci_rows, paired_gain_ci
-from .workers import prestart, run_jobs
+from .workers import prestart, submit_jobs
 
 EXPERIMENT = "04_representations"
 TEXT_DIM = E5Embedder.dim
@@ -97,28 +96,6 @@ ENCODERS = {"features": VARIANT_NAMES, "qwen_micl": qwen_repr.VARIANT_NAMES}
 
 
 # ------------------------------------------------------------------------------ inputs
-
-
-@dataclass
-class ReprInputs:
-    """Frozen per-record inputs, aligned with a record list.
-
-    ``word``: (n, 384) e5 of the OCR text of the record's images (zeros where none);
-    ``note``: (n, 384) e5 of the customer's dialogue text (zeros where none);
-    ``pooled``: (n, 384) e5 of both texts joined in one passage (the no-mICL input);
-    ``visual``: (n, 1287) EfficientNet mean embedding + layout numbers, unscaled.
-    """
-
-    ids: list[str]
-    word: np.ndarray
-    note: np.ndarray
-    pooled: np.ndarray
-    visual: np.ndarray
-
-    def take(self, rows: Sequence[int]) -> ReprInputs:
-        rows = list(rows)
-        return ReprInputs([self.ids[i] for i in rows], self.word[rows], self.note[rows],
-                          self.pooled[rows], self.visual[rows])
 
 
 def _e5(texts: list[str], cache: FeatureCache, progress: bool) -> np.ndarray:
@@ -155,127 +132,6 @@ def extract(records: Sequence[Record], cfg: Profile, cache: FeatureCache, *,
     pooled = _e5(joined, cache, progress)
     visual = np.concatenate([raw.image, raw.layout], axis=1).astype(np.float32)
     return ReprInputs([r.id for r in records], word, note, pooled, visual)
-
-
-# ------------------------------------------------------------------------------- model
-
-
-def _mlp(n_in: int, dim: int, dropout: float) -> nn.Module:
-    return nn.Sequential(nn.Linear(n_in, 2 * dim), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(2 * dim, dim))
-
-
-class RecordEncoder(nn.Module):
-    """Trainable part: text-side MLP ``f``, visual-side MLP ``g``, the gate, the temperature.
-
-    ``forward`` takes float tensors word/note/pooled (b, 384) and visual (b, 1287, already
-    scaled) and returns (multimodal embedding (b, dim), visual-side embedding (b, dim) or
-    None), both L2-normalised.
-    """
-
-    def __init__(self, variant: Variant, rc: ReprCfg, n_visual: int):
-        super().__init__()
-        self.variant = variant
-        vt = variant
-        n_text = (2 * TEXT_DIM if vt.micl else TEXT_DIM) + (0 if vt.late_fusion or not vt.visual
-                                                             else n_visual)
-        self.f = _mlp(n_text, rc.dim, rc.dropout) if vt.text else None
-        self.g = _mlp(n_visual, rc.dim, rc.dropout) if vt.visual and (vt.late_fusion or not vt.text) else None
-        self.gate = Gate(rc.dim) if vt.text and vt.visual and vt.late_fusion else None
-        # learnable temperature, as log(1/τ) (CLIP's parametrisation)
-        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / rc.temperature))))
-
-    @property
-    def temperature(self) -> float:
-        return float(1.0 / self.logit_scale.detach().clamp(max=np.log(100.0)).exp())
-
-    def forward(self, word, note, pooled, visual):
-        vt = self.variant
-        e_vis = None
-        if vt.text:
-            text = torch.cat([word, note], dim=1) if vt.micl else pooled
-            extra = [visual] if vt.visual and not vt.late_fusion else []
-            h = self.f(torch.cat([text, *extra], dim=1))
-            if vt.micl:  # the image word read alone: the visual-side embedding of mICL
-                alone = torch.cat([word, torch.zeros_like(note), *[torch.zeros_like(x) for x in extra]],
-                                  dim=1)
-                e_vis = nn.functional.normalize(self.f(alone), dim=1)
-            e = self.gate(h, self.g(visual)) if self.gate is not None else h
-        else:
-            e = self.g(visual)
-        return nn.functional.normalize(e, dim=1), e_vis
-
-
-@dataclass
-class Representation:
-    """A trained encoder with its visual scaling (fitted on the training records)."""
-
-    variant_name: str
-    encoder: RecordEncoder
-    visual_fit: np.ndarray  # the training records' raw visual features (for scaling)
-    losses: list[float] = field(default_factory=list)
-    wall_s: float = 0.0
-
-    def embed(self, x: ReprInputs) -> np.ndarray:
-        """(n, dim) L2-normalised embeddings."""
-        vis = Featurizer.scale_like(x.visual, self.visual_fit)
-        self.encoder.eval()
-        with torch.inference_mode(), torch_threads(1):
-            e, _ = self.encoder(*(torch.from_numpy(a) for a in (x.word, x.note, x.pooled, vis)))
-        return e.numpy().astype(np.float32)
-
-    @property
-    def temperature(self) -> float:
-        return self.encoder.temperature
-
-
-def train(records: Sequence[Record], x: ReprInputs, variant_name: str, rc: ReprCfg, *,
-          seed: int) -> Representation:
-    """Train one variant contrastively on labelled ``records`` (aligned with ``x``)."""
-    if any(r.label is None for r in records):
-        raise ValueError("representation training needs labelled records")
-    t0 = time.perf_counter()
-    variant = VARIANTS[variant_name]
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    enc = RecordEncoder(variant, rc, x.visual.shape[1])
-    vis = Featurizer.scale_like(x.visual, x.visual)
-    tens = [torch.from_numpy(a) for a in (x.word, x.note, x.pooled, vis)]
-    y = torch.tensor([LABEL_INDEX[r.label] for r in records])
-    opt = torch.optim.AdamW(enc.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
-    losses = []
-    n = len(records)
-    with torch_threads(1):
-        enc.train()
-        for _ in range(rc.epochs):
-            perm = rng.permutation(n)
-            partner = _partners(records, rng)
-            tot = 0.0
-            for j in range(0, n, rc.batch_size):
-                a = perm[j:j + rc.batch_size]
-                rows = torch.from_numpy(np.concatenate([a, partner[a]]))
-                e, e_vis = enc(*(t[rows] for t in tens))
-                loss = contrastive_loss(e, y[rows], enc.logit_scale)
-                if e_vis is not None and rc.visual_loss_weight:
-                    loss = loss + rc.visual_loss_weight * contrastive_loss(e_vis, y[rows],
-                                                                           enc.logit_scale)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += loss.item() * len(a)
-            losses.append(tot / n)
-    enc.eval()
-    return Representation(variant_name, enc, x.visual.copy(), losses, time.perf_counter() - t0)
-
-
-def _train_job(records: Sequence[Record], x: ReprInputs, rc: ReprCfg,
-               job: tuple[str, Sequence[int] | None, int]) -> Representation:
-    """``job`` = (variant, rows of ``records`` to train on (None: all), seed): one
-    :func:`train`, module level so that a worker process can run it."""
-    variant, rows, seed = job
-    if rows is None:
-        return train(records, x, variant, rc, seed=seed)
-    return train([records[i] for i in rows], x.take(rows), variant, rc, seed=seed)
 
 
 # -------------------------------------------------------------------------------- uses
@@ -368,13 +224,15 @@ class NeighbourVotes:
         self.oof: dict[str, tuple[np.ndarray, str]] = {}  # id -> (vote, nearest label)
         self._fit_block: np.ndarray | None = None
         self.info: dict = {}
+        self._pending: tuple | None = None  # a submit's (key, records, inputs, folds, fits)
 
     def __getstate__(self):  # pickled with the model; the feature cache is re-opened on load
-        return {k: v for k, v in self.__dict__.items() if k != "cache"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("cache", "_pending")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.cache = FeatureCache()
+        self._pending = None
 
     def _votes(self, rep: Representation, q: Sequence[Record], xq: ReprInputs,
                g: Sequence[Record], eg: np.ndarray, ks: Sequence[int]):
@@ -383,29 +241,47 @@ class NeighbourVotes:
                 enumerate(sim.argmax(axis=1))]
         return {k: knn_proba(sim, g, q, k, rep.temperature) for k in ks}, near
 
-    def fit(self, records: Sequence[Record], *, seed: int) -> NeighbourVotes:
-        """Train on labelled ``records`` (originals and their augmented copies)."""
+    def submit(self, records: Sequence[Record], *, seed: int) -> None:
+        """Read the features of ``records`` and hand :meth:`fit`'s encoder fits (one per fold,
+        and the final one) to the fit workers, then return: a later ``fit`` of the same
+        records and seed collects them, so the caller can work while they train."""
         t0 = time.perf_counter()
         records = list(records)
         rc, folds = self.cfg.repr, self.cfg.mini.retrieval_folds
-        prestart(self.cfg.fit_workers, __name__)  # the workers import while features are read
+        prestart(self.cfg.fit_workers, record_encoder.__name__)  # imports while features are read
         x = extract(records, self.cfg, self.cache, progress=self.progress)
-        orig = [i for i, r in enumerate(records) if "#" not in r.id]  # the gallery: originals
-        ks = tuple(rc.k_grid)
         # out-of-fold votes: folds over originals, stratified by label; copies follow theirs
         groups = np.array([base_id(r.id) for r in records])
         bases = sorted(set(groups))
         lab = {base_id(r.id): r.label for r in records}
         fold_of = dict(zip(bases, stratified_folds([lab[b] for b in bases], folds, seed)))
         fold = np.array([fold_of[g] for g in groups])
-        votes = {k: np.zeros((len(records), self.dim)) for k in ks}
-        near = [""] * len(records)
         used = [f for f in range(folds) if (fold == f).any() and (fold != f).any()]
         # the fold representations and the final one: independent fits, side by side
         jobs = [(self.variant, np.flatnonzero(fold != f), seed + 1 + f) for f in used]
-        reps = run_jobs(partial(_train_job, records, x, rc), jobs + [(self.variant, None, seed)],
-                        workers=self.cfg.fit_workers, desc="retrieval encoders",
-                        name=lambda j: f"{j[0]} (seed {j[2]})")
+        batch = submit_jobs(partial(train_job, records, x, rc), jobs + [(self.variant, None, seed)],
+                            workers=self.cfg.fit_workers, desc="retrieval encoders",
+                            name=lambda j: f"{j[0]} (seed {j[2]})")
+        key = ([r.id for r in records], seed)
+        self._pending = (key, records, x, fold, used, batch, time.perf_counter() - t0)
+
+    def fit(self, records: Sequence[Record], *, seed: int) -> NeighbourVotes:
+        """Train on labelled ``records`` (originals and their augmented copies); collects
+        the fits of a :meth:`submit` of the same records and seed, else submits them now."""
+        records = list(records)
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != ([r.id for r in records], seed):
+            if pending is not None:
+                pending[5].cancel()
+            self.submit(records, seed=seed)
+            pending, self._pending = self._pending, None
+        _, records, x, fold, used, batch, submit_s = pending
+        t0 = time.perf_counter()
+        ks = tuple(self.cfg.repr.k_grid)
+        orig = [i for i, r in enumerate(records) if "#" not in r.id]  # the gallery: originals
+        votes = {k: np.zeros((len(records), self.dim)) for k in ks}
+        near = [""] * len(records)
+        reps = batch.results()
         for f, rep in zip(used, reps):
             te = np.flatnonzero(fold == f)
             g = [i for i in orig if fold[i] != f]
@@ -426,8 +302,10 @@ class NeighbourVotes:
         self.rep = reps[-1]
         self.gallery = [records[i] for i in orig]
         self.e_gal = self.rep.embed(x.take(orig))
-        self.info = {"k": self.k, "oof_weighted_f1": f1, "folds": folds, "variant": self.variant,
-                     "n_gallery": len(orig), "wall_s": time.perf_counter() - t0}
+        # wall_s: reading features and submitting, plus waiting for the fits and voting
+        self.info = {"k": self.k, "oof_weighted_f1": f1, "folds": self.cfg.mini.retrieval_folds,
+                     "variant": self.variant, "n_gallery": len(orig),
+                     "wall_s": submit_s + time.perf_counter() - t0}
         return self
 
     def _lookup(self, records: Sequence[Record]) -> tuple[np.ndarray, list[str]]:
@@ -476,6 +354,10 @@ class ReprRun:
     projection: pd.DataFrame  # variant, split, id, task, label, x, y (2-D test embeddings)
     fits: pd.DataFrame  # variant, k, temperature, final_loss, wall_s, n_train
     reps: dict[str, Representation]
+    # the row model+retrieval (variant, split, id, task, gold, pred) and its fit info, where
+    # run_representations(retrieval_model=True); else None / {}
+    retrieval: pd.DataFrame | None = None
+    retrieval_info: dict = field(default_factory=dict)
 
 
 def _retrieval_rows(variant: str, seed: int, split: str, sim: np.ndarray,
@@ -518,7 +400,7 @@ def projection_2d(emb: np.ndarray, seed: int) -> np.ndarray:
 
 def run_representations(cfg: Profile, train_records: Sequence[Record],
                         tests: dict[str, Sequence[Record]], *, seed: int,
-                        variants: Sequence[str] = tuple(VARIANTS),
+                        variants: Sequence[str] = tuple(VARIANTS), retrieval_model: bool = False,
                         cache: FeatureCache | None = None, progress: bool = True) -> ReprRun:
     """Train every variant on the fit part of ``train_records`` (plus turn-dropout copies of
     its dialogues), choose k on the dev fold (gallery: the fit part), then score the kNN
@@ -526,6 +408,13 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
 
     Metrics rows: variant ``<v>`` for recall@k, ``knn_<v>`` for the kNN classifier's
     :func:`~kdsl_utils.metrics.evaluate` numbers, ``k_chosen`` / ``dev_f1@k`` on split dev.
+
+    ``retrieval_model`` (mini backend only): also the row ``model+retrieval``
+    (:func:`retrieval_model_predictions`, in ``ReprRun.retrieval``). Its retriever's encoder
+    fits go to the fit workers first, then the variants'; the joint fine-tune trains here
+    while the workers fit the variants (one fan-out, no worker waits for another stage).
+    Every fit depends only on its own arguments, so the results equal those of the two
+    run one after the other.
     """
     rc = cfg.repr
     if rc.encoder not in ENCODERS:
@@ -537,11 +426,14 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
                               copies=rc.dialogue_copies, seed=seed) if rc.dialogue_copies else []
     fit_aug = fit + copies
     all_recs = fit_aug + dev + [r for t in tests.values() for r in t]
+    # first: the retriever's encoder fits start in the workers while the features are read
+    backend = (retrieval_backend(cfg, train_records, seed=seed, cache=cache, progress=progress)
+               if retrieval_model else None)
     if rc.encoder == "qwen_micl":  # the LLM reads the records: its inputs are the records
         micl = qwen_repr.MiclEncoder(cfg, progress=progress)
         x_all = qwen_repr.MiclInputs(all_recs)
     else:
-        prestart(cfg.fit_workers, __name__)  # the workers import while the features are read
+        prestart(cfg.fit_workers, record_encoder.__name__)  # imports while the features are read
         x_all = extract(all_recs, cfg, cache, progress=progress)
     n_fa, n_dev = len(fit_aug), len(dev)
     x_fit = x_all.take(range(n_fa))
@@ -553,10 +445,16 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
         x_tests[name] = x_all.take(range(start, start + len(recs)))
         start += len(recs)
     if rc.encoder == "qwen_micl":  # one adapter after another on the one GPU model
+        batch = None
         trained = [micl.train(fit_aug, x_fit, v, rc, seed=seed) for v in variants]
     else:  # independent CPU fits, side by side (Profile.fit_workers)
-        trained = run_jobs(partial(_train_job, fit_aug, x_fit, rc), [(v, None, seed) for v in variants],
-                           workers=cfg.fit_workers, desc="representations", name=lambda j: j[0])
+        batch = submit_jobs(partial(train_job, fit_aug, x_fit, rc), [(v, None, seed) for v in variants],
+                            workers=cfg.fit_workers, desc="representations", name=lambda j: j[0])
+    retrieval: tuple[pd.DataFrame | None, dict] = (None, {})
+    if backend is not None:  # here, while the workers fit the variants
+        retrieval = retrieval_model_predictions(cfg, train_records, tests, seed=seed, backend=backend)
+    if batch is not None:
+        trained = batch.results()
     metrics, preds, proj, fits, reps = [], [], [], [], {}
     for v, rep in zip(variants, trained):
         reps[v] = rep
@@ -588,7 +486,7 @@ def run_representations(cfg: Profile, train_records: Sequence[Record],
                      "first_loss": rep.losses[0], "wall_s": rep.wall_s, "n_train": len(fit_aug),
                      "n_copies": len(copies)})
     return ReprRun(pd.DataFrame(metrics), pd.concat(preds, ignore_index=True),
-                   pd.concat(proj, ignore_index=True), pd.DataFrame(fits), reps)
+                   pd.concat(proj, ignore_index=True), pd.DataFrame(fits), reps, *retrieval)
 
 
 # ---------------------------------------------------------------------------- tables
@@ -638,19 +536,33 @@ def versus_joint(metrics: pd.DataFrame, seesaw_metrics: pd.DataFrame) -> pd.Data
 RETRIEVAL_VARIANT = "model+retrieval"
 
 
-def retrieval_model_predictions(cfg: Profile, train_records: Sequence[Record],
-                                tests: dict[str, Sequence[Record]], *, seed: int,
-                                cache: FeatureCache | None = None, progress: bool = True
-                                ) -> tuple[pd.DataFrame, dict]:
-    """The ``mini`` joint fine-tune of notebook 01 (whole training set, same seed and
-    hyper-parameters) with the neighbour-label block (``MiniCfg.retrieval``), scored on every
-    test split. Returns (predictions: variant, split, id, task, gold, pred; fit info: the
-    retriever's k, out-of-fold F1 by k, seconds)."""
+def retrieval_backend(cfg: Profile, train_records: Sequence[Record], *, seed: int,
+                      cache: FeatureCache | None = None, progress: bool = True) -> MiniBackend:
+    """The ``mini`` backend with the neighbour-label block (``MiniCfg.retrieval``), whose
+    retriever has already handed the encoder fits of the joint mix of ``train_records`` to
+    the fit workers (:meth:`NeighbourVotes.submit`): its fit in
+    :func:`retrieval_model_predictions` collects them."""
     if cfg.backend != "mini":
         raise ValueError(f"profile {cfg.name!r}: retrieval-augmented prediction is built for the "
                          "mini backend only (the paper form puts neighbours in the prompt)")
     rcfg = replace(cfg, mini=replace(cfg.mini, retrieval=True))
-    model = MiniBackend(rcfg, progress=progress, retriever=NeighbourVotes(rcfg, cache))
+    retriever = NeighbourVotes(rcfg, cache)
+    retriever.submit(select_mix(list(train_records), "joint"), seed=seed)
+    return MiniBackend(rcfg, progress=progress, retriever=retriever)
+
+
+def retrieval_model_predictions(cfg: Profile, train_records: Sequence[Record],
+                                tests: dict[str, Sequence[Record]], *, seed: int,
+                                cache: FeatureCache | None = None, progress: bool = True,
+                                backend: MiniBackend | None = None
+                                ) -> tuple[pd.DataFrame, dict]:
+    """The ``mini`` joint fine-tune of notebook 01 (whole training set, same seed and
+    hyper-parameters) with the neighbour-label block (``MiniCfg.retrieval``), scored on every
+    test split. ``backend``: one from :func:`retrieval_backend` (same records and seed), else
+    one is made. Returns (predictions: variant, split, id, task, gold, pred; fit info: the
+    retriever's k, out-of-fold F1 by k, seconds)."""
+    model = backend or retrieval_backend(cfg, train_records, seed=seed, cache=cache,
+                                         progress=progress)
     t0 = time.perf_counter()
     model.fit(list(train_records), mix="joint", seed=seed)
     frames = []

@@ -23,7 +23,7 @@ import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -98,6 +98,78 @@ def shutdown(name: str | None = None, *, wait: bool = False) -> None:
 atexit.register(shutdown)
 
 
+class Batch(Generic[R]):
+    """Jobs handed to the fits pool by :func:`submit_jobs`; :meth:`results` waits for them.
+
+    Where the jobs run here (``workers <= 1``, one job, or inside a worker) nothing starts
+    until :meth:`results`, which then runs them in order: the same results either way."""
+
+    def __init__(self, fn: Callable[[J], R], jobs: Sequence[J], *, workers: int, desc: str,
+                 name: Callable[[J], str] = repr, bar: Any = None):
+        self.fn, self.jobs, self.desc, self.name = fn, list(jobs), desc, name
+        self.workers = 1 if _IN_WORKER else workers
+        self._own_bar = bar is None
+        self.bar = bar
+        self._futures: dict[Any, int] = {}
+        self._out: list[R] | None = None
+        if self.workers > 1 and len(self.jobs) > 1:
+            ex = pool(FITS, self.workers)
+            self._futures = {ex.submit(fn, job): i for i, job in enumerate(self.jobs)}
+
+    def results(self) -> list[R]:
+        """``[fn(job) for job in jobs]`` in the order of the jobs (computed once; a second
+        call returns the same list). A failing job raises :class:`JobError` naming it."""
+        if self._out is not None:
+            return self._out
+        bar = tqdm(total=len(self.jobs), desc=self.desc, unit="job") if self._own_bar else self.bar
+        try:
+            self._out = self._collect(bar) if self._futures else self._run_here(bar)
+        finally:
+            if self._own_bar:
+                bar.close()
+        return self._out
+
+    def _run_here(self, bar) -> list[R]:
+        out = []
+        for job in self.jobs:
+            try:
+                out.append(self.fn(job))
+            except Exception as e:
+                raise JobError(f"{self.desc}: {self.name(job)} failed: {e}") from e
+            bar.update()
+        return out
+
+    def _collect(self, bar) -> list[R]:
+        results: dict[int, R] = {}
+        for fut in as_completed(self._futures):
+            i = self._futures[fut]
+            try:
+                results[i] = fut.result()
+            except BrokenProcessPool as e:
+                shutdown(FITS)
+                raise JobError(f"{self.desc}: a worker process died (killed for memory?) "
+                               f"while running {self.name(self.jobs[i])}") from e
+            except Exception as e:
+                self.cancel()
+                raise JobError(f"{self.desc}: {self.name(self.jobs[i])} failed: {e}") from e
+            bar.update()
+        return [results[i] for i in range(len(self.jobs))]
+
+    def cancel(self) -> None:
+        """Drop the jobs that have not started (a started one runs to its end, unread)."""
+        for f in self._futures:
+            f.cancel()
+
+
+def submit_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int, desc: str,
+                name: Callable[[J], str] = repr, bar: Any = None) -> Batch[R]:
+    """Hand ``[fn(job) for job in jobs]`` to up to ``workers`` worker processes and return
+    at once: the caller works on while they fit, then reads :meth:`Batch.results`. Jobs of
+    several batches share the one pool, first submitted first run. Same rules as
+    :func:`run_jobs`."""
+    return Batch(fn, jobs, workers=workers, desc=desc, name=name, bar=bar)
+
+
 def run_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int, desc: str,
              name: Callable[[J], str] = repr, bar: Any = None) -> list[R]:
     """``[fn(job) for job in jobs]``, with up to ``workers`` jobs at a time in worker
@@ -105,37 +177,4 @@ def run_jobs(fn: Callable[[J], R], jobs: Sequence[J], *, workers: int, desc: str
     ``functools.partial`` of one). Results come back in the order of ``jobs``. A failing
     job raises :class:`JobError` naming it (``name(job)``), with the worker's exception as
     the cause. ``bar``: a tqdm bar to advance per finished job (else one is made)."""
-    jobs = list(jobs)
-    workers = 1 if _IN_WORKER else workers
-    own = bar is None
-    bar = tqdm(total=len(jobs), desc=desc, unit="job") if own else bar
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            out = []
-            for job in jobs:
-                try:
-                    out.append(fn(job))
-                except Exception as e:
-                    raise JobError(f"{desc}: {name(job)} failed: {e}") from e
-                bar.update()
-            return out
-        results: dict[int, R] = {}
-        ex = pool(FITS, workers)
-        futures = {ex.submit(fn, job): i for i, job in enumerate(jobs)}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                results[i] = fut.result()
-            except BrokenProcessPool as e:
-                shutdown(FITS)
-                raise JobError(f"{desc}: a worker process died (killed for memory?) "
-                               f"while running {name(jobs[i])}") from e
-            except Exception as e:
-                for f in futures:
-                    f.cancel()
-                raise JobError(f"{desc}: {name(jobs[i])} failed: {e}") from e
-            bar.update()
-        return [results[i] for i in range(len(jobs))]
-    finally:
-        if own:
-            bar.close()
+    return submit_jobs(fn, jobs, workers=workers, desc=desc, name=name, bar=bar).results()

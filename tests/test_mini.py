@@ -352,6 +352,19 @@ def test_run_jobs_names_the_failing_job():
         run_jobs(abs, ["x"], workers=1, desc="abs")
 
 
+def test_submitted_batches_share_the_pool_and_are_read_in_any_order():
+    from kdsl_utils.workers import JobError, submit_jobs
+
+    first = submit_jobs(abs, [-1, -2, -3], workers=2, desc="first")
+    second = submit_jobs(abs, [-4, "x", -6], workers=2, desc="second")
+    with pytest.raises(JobError, match=r"second: 'x' failed"):
+        second.results()
+    assert first.results() == [1, 2, 3] and first.results() is first.results()
+    here = submit_jobs(abs, [-7, "y"], workers=1, desc="here")  # in this process, when read
+    with pytest.raises(JobError, match=r"here: 'y' failed"):
+        here.results()
+
+
 def test_components_can_be_switched_off(records, cache_dir):
     b = MiniBackend(_cfg(mini__ocr=False, mini__image_encoder=False, mini__text_encoder=False),
                     cache_dir, progress=False)

@@ -13,16 +13,21 @@ import pytest
 import torch
 
 from kdsl_utils import report
+from kdsl_utils import contrastive as C
+from kdsl_utils import record_encoder as E
 from kdsl_utils import representations as R
 from kdsl_utils.config import ConfigError, ReprCfg, resolve
 from kdsl_utils.data.labels import IMAGE_LABELS, INTENT_LABELS, LABEL_INDEX, LABELS
 from kdsl_utils.data.records import Record
+from kdsl_utils.features import E5Embedder, FeatureCache
 from kdsl_utils.models import mini as M
 from kdsl_utils.metrics import metric_rows
 from kdsl_utils.models.registry import make_backend
 from kdsl_utils.rules.engine import RuleEngine, build_observables
 from kdsl_utils.rules.propose import DataProposer
 from kdsl_utils.rules.schema import Condition, RuleBase, RuleValidationError, make_rule
+
+E5_DIM = E5Embedder.dim  # the text-side width of the CPU recipe's inputs
 
 N_VIS = 1287
 
@@ -38,7 +43,7 @@ def dataset(n_per_label: int = 8, n_labels: int = 4, signal: str = "word", seed:
     rng = np.random.default_rng(seed)
     labs = [("image", lab) for lab in IMAGE_LABELS[:n_labels]]
     labs += [("intent", lab) for lab in INTENT_LABELS[:n_labels]]
-    centres = {lab: rng.normal(size=R.TEXT_DIM if signal != "visual" else N_VIS) * 3
+    centres = {lab: rng.normal(size=E5_DIM if signal != "visual" else N_VIS) * 3
                for _, lab in labs}
     recs, rows = [], []
     for task, lab in labs:
@@ -46,14 +51,14 @@ def dataset(n_per_label: int = 8, n_labels: int = 4, signal: str = "word", seed:
             recs.append(rec(f"{lab}-{i}", task, lab))
             rows.append(centres[lab])
     n = len(recs)
-    word, note, pooled = (rng.normal(size=(n, R.TEXT_DIM)).astype(np.float32) * noise
+    word, note, pooled = (rng.normal(size=(n, E5_DIM)).astype(np.float32) * noise
                           for _ in range(3))
     visual = rng.normal(size=(n, N_VIS)).astype(np.float32) * noise
     sig = np.asarray(rows, dtype=np.float32)
     {"word": word, "note": note, "pooled": pooled, "visual": visual}[signal] += sig
     if signal == "word":
         pooled += sig  # the pooled passage contains the image's text too
-    x = R.ReprInputs([r.id for r in recs], word, note, pooled, visual)
+    x = E.ReprInputs([r.id for r in recs], word, note, pooled, visual)
     return recs, x
 
 
@@ -70,7 +75,7 @@ def test_config_section():
 
 def test_gate_is_bias_free_xavier_and_convex():
     torch.manual_seed(0)
-    g = R.Gate(16)
+    g = C.Gate(16)
     assert g.w.bias is None and g.w.weight.shape == (16, 32)
     bound = np.sqrt(6 / (16 + 32))  # Xavier-uniform bound for fan_in 32, fan_out 16
     assert g.w.weight.abs().max() <= bound and g.w.weight.abs().max() > 0.5 * bound
@@ -86,29 +91,29 @@ def test_contrastive_loss_rewards_clusters_and_skips_lonely_anchors():
     clustered = torch.nn.functional.normalize(torch.tensor(
         [[1, 0, 0], [1, 0.1, 0], [0, 1, 0], [0.1, 1, 0], [0, 0, 1.0]]), dim=1)
     mixed = clustered[[0, 2, 1, 3, 4]]
-    good = R.contrastive_loss(clustered, labels, scale)
-    bad = R.contrastive_loss(mixed, labels, scale)
+    good = C.contrastive_loss(clustered, labels, scale)
+    bad = C.contrastive_loss(mixed, labels, scale)
     assert good < bad
     good.backward()
     assert scale.grad is not None and scale.grad != 0  # the temperature is learnable
-    assert R.contrastive_loss(clustered, torch.tensor([0, 1, 2, 3, 4]), scale) == 0
+    assert C.contrastive_loss(clustered, torch.tensor([0, 1, 2, 3, 4]), scale) == 0
 
 
 @pytest.mark.parametrize("name", list(R.VARIANTS))
 def test_every_variant_reads_what_it_should(name):
     recs, x = dataset(n_per_label=2)
-    rep = R.train(recs, x, name, ReprCfg(epochs=1, dim=8, batch_size=8), seed=0)
+    rep = E.train(recs, x, name, ReprCfg(epochs=1, dim=8, batch_size=8), seed=0)
     e = rep.embed(x)
     assert e.shape == (len(recs), 8)
     assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
     v = R.VARIANTS[name]
-    other_text = R.ReprInputs(x.ids, x.word[::-1].copy(), x.note[::-1].copy(),
+    other_text = E.ReprInputs(x.ids, x.word[::-1].copy(), x.note[::-1].copy(),
                               x.pooled[::-1].copy(), x.visual)
-    other_vis = R.ReprInputs(x.ids, x.word, x.note, x.pooled, x.visual[::-1].copy())
+    other_vis = E.ReprInputs(x.ids, x.word, x.note, x.pooled, x.visual[::-1].copy())
     assert np.allclose(rep.embed(other_text), e) == (not v.text)
     assert np.allclose(rep.embed(other_vis), e) == (not v.visual)
     # pooled is read only without mICL, word/note only with it
-    other_pooled = R.ReprInputs(x.ids, x.word, x.note, x.pooled[::-1].copy(), x.visual)
+    other_pooled = E.ReprInputs(x.ids, x.word, x.note, x.pooled[::-1].copy(), x.visual)
     assert np.allclose(rep.embed(other_pooled), e) == (v.micl or not v.text)
 
 
@@ -116,10 +121,10 @@ def test_training_clusters_labels_and_knn_recovers_them():
     recs, x = dataset(signal="word", seed=1, noise=2.0)
     test_recs, xt = dataset(signal="word", seed=1, noise=2.0)  # same centres, fresh noise below
     rng = np.random.default_rng(7)
-    xt = R.ReprInputs([f"t{i}" for i in xt.ids], xt.word + rng.normal(size=xt.word.shape).astype(
+    xt = E.ReprInputs([f"t{i}" for i in xt.ids], xt.word + rng.normal(size=xt.word.shape).astype(
         np.float32), xt.note, xt.pooled, rng.normal(size=xt.visual.shape).astype(np.float32))
     test_recs = [rec(f"t{r.id}", r.task, r.label) for r in test_recs]
-    rep = R.train(recs, x, "full", RC, seed=0)
+    rep = E.train(recs, x, "full", RC, seed=0)
     assert rep.losses[-1] < rep.losses[0] - 0.5  # the multi-positive loss has a floor > 0
     sim = R._similarities(rep.embed(xt), test_recs, rep.embed(x), recs)
     hits = R.recall_at_k(sim, test_recs, recs, (1, 5))
@@ -129,7 +134,7 @@ def test_training_clusters_labels_and_knn_recovers_them():
     gold = np.array([LABEL_INDEX[r.label] for r in test_recs])
     assert (pred == gold).mean() > 0.9
     # the image-only variant cannot see a signal that lives in the OCR text's embedding
-    rep_img = R.train(recs, x, "image_only", RC, seed=0)
+    rep_img = E.train(recs, x, "image_only", RC, seed=0)
     sim_img = R._similarities(rep_img.embed(xt), test_recs, rep_img.embed(x), recs)
     assert R.recall_at_k(sim_img, test_recs, recs, (1,))[1].mean() < 0.6
 
@@ -160,7 +165,7 @@ def test_leave_one_out_excludes_self_and_augmented_copies():
 
 def test_nearest_labels_and_choose_k():
     recs, x = dataset(signal="visual", seed=2, noise=0.5)
-    rep = R.train(recs, x, "image_only", RC, seed=0)
+    rep = E.train(recs, x, "image_only", RC, seed=0)
     near = R.nearest_labels(rep, recs, x, recs, x)  # leave-one-out on the training set
     assert np.mean([n == r.label for n, r in zip(near, recs)]) > 0.9
     sim = R._similarities(rep.embed(x), recs, rep.embed(x), recs)
@@ -172,7 +177,7 @@ def test_partners_prefer_copies_and_stay_in_label():
     recs = [rec("a", "intent", INTENT_LABELS[0]), rec("a#dlg0", "intent", INTENT_LABELS[0]),
             rec("b", "intent", INTENT_LABELS[0]), rec("c", "intent", INTENT_LABELS[1])]
     rng = np.random.default_rng(0)
-    draws = np.stack([R._partners(recs, rng) for _ in range(200)])
+    draws = np.stack([C.partners(recs, rng) for _ in range(200)])
     assert (draws[:, 3] == 3).all()  # alone in its label, no copy: itself (skipped by the loss)
     assert set(draws[:, 0]) == {1, 2} and (draws[:, 0] == 1).mean() > 0.4
     assert set(draws[:, 2]) <= {0, 1}
@@ -185,14 +190,14 @@ def _fake_extract(table: dict[str, tuple]):
     """A stand-in for ``R.extract``: each record's inputs looked up by id (copies: their base)."""
     def extract(records, cfg, cache, progress=False):
         rows = [table[R.base_id(r.id)] for r in records]
-        return R.ReprInputs([r.id for r in records], *(np.stack(c).astype(np.float32)
+        return E.ReprInputs([r.id for r in records], *(np.stack(c).astype(np.float32)
                                                         for c in zip(*rows)))
     return extract
 
 
 def _noise_table(recs, seed=0):
     rng = np.random.default_rng(seed)
-    return {r.id: tuple(rng.normal(size=d) for d in (R.TEXT_DIM, R.TEXT_DIM, R.TEXT_DIM, N_VIS))
+    return {r.id: tuple(rng.normal(size=d) for d in (E5_DIM, E5_DIM, E5_DIM, N_VIS))
             for r in recs}
 
 
@@ -338,3 +343,34 @@ def replace_rules_ocr(cfg):
     """The profile without OCR observables (the fake extractor has no images to read)."""
     from dataclasses import replace
     return replace(cfg, mini=replace(cfg.mini, ocr=False))
+
+
+def test_one_fan_out_equals_the_stages_one_after_another(monkeypatch, tmp_path):
+    """run_representations(retrieval_model=True) hands the retriever's and the variants' fits to
+    two workers at once and trains the joint fine-tune beside them: the same numbers as the
+    variants, then the retrieval model, fitted one after another in this process."""
+    recs, _ = dataset(n_per_label=6, n_labels=3)
+    tests = {"test1": [rec(f"t-{r.id}", r.task, r.label) for r in recs[::3]]}
+    table = _noise_table(recs + tests["test1"], seed=1)
+    for r in recs + tests["test1"]:  # a label signal in the image "word", as in dataset()
+        table[r.id][0][:8] += 3.0 * (LABEL_INDEX[r.label] % 8 == np.arange(8))
+    monkeypatch.setattr(R, "extract", _fake_extract(table))
+    small = dict(TINY_RC, mini__retrieval=False, mini__epochs=2, mini__ocr=False,
+                 mini__image_encoder=False, mini__text_encoder=False)
+    variants = ("full", "image_only")
+    kw = dict(seed=0, variants=variants, cache=FeatureCache(tmp_path / "c"), progress=False)
+    serial = resolve("mini", **small)
+    assert serial.fit_workers == 1
+    one = R.run_representations(serial, recs, tests, **kw)
+    retr, info = R.retrieval_model_predictions(serial, recs, tests, seed=0, cache=kw["cache"],
+                                               progress=False)
+    fanned = resolve("mini", **{**small, "mini__workers": 2})
+    assert fanned.fit_workers == 2
+    both = R.run_representations(fanned, recs, tests, retrieval_model=True, **kw)
+    pd.testing.assert_frame_equal(one.metrics, both.metrics)
+    pd.testing.assert_frame_equal(one.predictions, both.predictions)
+    pd.testing.assert_frame_equal(retr, both.retrieval)
+    assert both.retrieval_info["k"] == info["k"] and len(both.retrieval) == len(tests["test1"])
+    assert one.retrieval is None and one.retrieval_info == {}
+    with pytest.raises(ValueError, match="mini backend only"):
+        R.run_representations(resolve("tiny"), recs, tests, retrieval_model=True, **kw)

@@ -68,6 +68,7 @@ from ..data.labels import ALL_LABELS, LABEL_INDEX, TASKS
 from ..data.records import Record
 from ..features import (E5Embedder, EfficientNetEmbedder, FeatureCache, embed_images,
                         embed_texts, ocr_images, ocr_text)
+from ..standardise import apply_stats, fit_stats
 from ..threads import torch_threads
 from .base import FitLog, Predictions, select_mix
 
@@ -190,24 +191,10 @@ class Featurizer:
                     v.fit(texts)
                 self.vec[name] = v
         for name, x in self._dense_blocks(raw).items():
-            nz = np.abs(x).sum(axis=1) > 0  # rows without that input stay zero
-            if not nz.any():
-                continue
-            mu = x[nz].mean(axis=0)
-            sd = x[nz].std(axis=0) + 1e-6
-            z = (x[nz] - mu) / sd
-            scale = float(np.linalg.norm(z, axis=1).mean()) or 1.0
-            self.dense_stats[name] = (mu.astype(np.float32), sd.astype(np.float32), scale)
+            stats = fit_stats(x)  # None: no training row has this input (block left out)
+            if stats is not None:
+                self.dense_stats[name] = stats
         return self
-
-    @staticmethod
-    def scale_like(x: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
-        """Standardise a dense block the way :meth:`fit` does (for ad-hoc extra blocks)."""
-        nz = np.abs(fit_on).sum(axis=1) > 0
-        mu, sd = fit_on[nz].mean(axis=0), fit_on[nz].std(axis=0) + 1e-6
-        scale = float(np.linalg.norm((fit_on[nz] - mu) / sd, axis=1).mean()) or 1.0
-        keep = (np.abs(x).sum(axis=1) > 0)[:, None]
-        return np.where(keep, (x - mu) / sd / scale, 0.0).astype(np.float32)
 
     def block_slices(self) -> tuple[dict[str, slice], dict[str, slice]]:
         """Where each fitted block lies in :meth:`transform`'s output: (n-gram blocks ->
@@ -237,10 +224,8 @@ class Featurizer:
         for name, v in self.vec.items():
             out[name] = v.transform(texts[name]).astype(np.float32).tocsr()
         dense = self._dense_blocks(raw)
-        for name, (mu, sd, scale) in self.dense_stats.items():
-            x = dense[name]
-            nz = (np.abs(x).sum(axis=1) > 0)[:, None]
-            out[name] = np.where(nz, (x - mu) / sd / scale, 0.0).astype(np.float32)
+        for name, stats in self.dense_stats.items():
+            out[name] = apply_stats(dense[name], stats)
         return out
 
     def transform(self, raw: RawInputs):

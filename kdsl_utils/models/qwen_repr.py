@@ -139,7 +139,7 @@ class MiclPrompt:
 @dataclass
 class MiclInputs:
     """The encoder's inputs: the records themselves (the model reads them), aligned as
-    :class:`~kdsl_utils.representations.ReprInputs` are for the CPU recipe."""
+    :class:`~kdsl_utils.record_encoder.ReprInputs` are for the CPU recipe."""
 
     records: list[Record]
 
@@ -171,7 +171,7 @@ class FusionHead(nn.Module):
 class MiclRepresentation:
     """One trained variant: its LoRA adapter on the shared base, its head, its losses.
     ``embed`` / ``temperature`` / ``losses`` / ``wall_s`` are what notebook 04 reads, as
-    for :class:`~kdsl_utils.representations.Representation`."""
+    for :class:`~kdsl_utils.record_encoder.Representation`."""
 
     variant_name: str
     encoder: MiclEncoder
@@ -203,7 +203,7 @@ class MiclEncoder:
     """A loaded Qwen2-VL with the profile's LoRA, shared by every variant of a run.
 
     ``train(records, x, variant_name, rc, seed=)`` has the signature of
-    :func:`kdsl_utils.representations.train`, so ``run_representations`` drives both
+    :func:`kdsl_utils.record_encoder.train`, so ``run_representations`` drives both
     encoders the same way.
     """
 
