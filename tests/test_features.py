@@ -306,3 +306,23 @@ def test_two_processes_never_compute_the_same_entries_at_once(tmp_path):
     assert sorted(computed) == sorted(keys)  # each once
     np.testing.assert_array_equal(out["a"], out["b"])
     np.testing.assert_array_equal(out["a"][:, 0], np.arange(6))
+
+
+def test_image_embeddings_do_not_depend_on_the_cache_history(tmp_path):
+    """The same images give the same bytes whether they were embedded all in one call or some
+    first on their own (a partly warm cache): a forward pass always holds forward_batch images."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(17):  # one pass of 16 and one of 1 (sizes 1-8 agree with each other, not 16)
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40 + 2 * i, 64, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    emb = EfficientNetEmbedder()
+    at_once = embed_images(paths, FeatureCache(tmp_path / "one"), extractor=emb, progress=False)
+    warm = FeatureCache(tmp_path / "two")
+    for p in (paths[5], paths[1]):  # computed alone first: passes of one image plus padding
+        embed_images([p], warm, extractor=emb, progress=False)
+    later = embed_images(paths, warm, extractor=emb, progress=False)
+    np.testing.assert_array_equal(at_once, later)
+    assert emb.forward_batch == 16 and emb.namespace != EfficientNetEmbedder(forward_batch=8).namespace
+    assert emb.batch([]).shape == (0, 1280)
