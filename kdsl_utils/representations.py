@@ -77,7 +77,7 @@ from .models.mini import MiniBackend, candidate_mask, extract_inputs
 from . import record_encoder
 from .record_encoder import ReprInputs, Representation, train_job
 from .report import ci_rows, paired_gain_ci
-from .workers import prestart, submit_jobs
+from .workers import Batch, prestart, submit_jobs
 
 EXPERIMENT = "04_representations"
 TEXT_DIM = E5Embedder.dim
@@ -192,6 +192,19 @@ def base_id(record_id: str) -> str:
     return record_id.split("#")[0]
 
 
+@dataclass
+class _Submitted:
+    """What :meth:`NeighbourVotes.submit` handed to the fit workers, for its ``fit``."""
+
+    key: tuple[list[str], int]  # (record ids, seed) it was submitted for
+    records: list[Record]
+    x: ReprInputs
+    fold: np.ndarray  # (n,) cross-fitting fold of each record
+    used: list[int]  # the folds with a fold encoder, in the batch's order
+    batch: Batch  # fold encoders, then the final one
+    seconds: float  # reading features and submitting
+
+
 class NeighbourVotes:
     """Neighbour-label features of the ``mini`` large model (retrieval augmentation).
 
@@ -224,7 +237,7 @@ class NeighbourVotes:
         self.oof: dict[str, tuple[np.ndarray, str]] = {}  # id -> (vote, nearest label)
         self._fit_block: np.ndarray | None = None
         self.info: dict = {}
-        self._pending: tuple | None = None  # a submit's (key, records, inputs, folds, fits)
+        self._pending: _Submitted | None = None
 
     def __getstate__(self):  # pickled with the model; the feature cache is re-opened on load
         return {k: v for k, v in self.__dict__.items() if k not in ("cache", "_pending")}
@@ -262,26 +275,26 @@ class NeighbourVotes:
         batch = submit_jobs(partial(train_job, records, x, rc), jobs + [(self.variant, None, seed)],
                             workers=self.cfg.fit_workers, desc="retrieval encoders",
                             name=lambda j: f"{j[0]} (seed {j[2]})")
-        key = ([r.id for r in records], seed)
-        self._pending = (key, records, x, fold, used, batch, time.perf_counter() - t0)
+        self._pending = _Submitted(([r.id for r in records], seed), records, x, fold, used, batch,
+                                   time.perf_counter() - t0)
 
     def fit(self, records: Sequence[Record], *, seed: int) -> NeighbourVotes:
         """Train on labelled ``records`` (originals and their augmented copies); collects
         the fits of a :meth:`submit` of the same records and seed, else submits them now."""
         records = list(records)
         pending, self._pending = self._pending, None
-        if pending is None or pending[0] != ([r.id for r in records], seed):
-            if pending is not None:
-                pending[5].cancel()
+        if pending is None or pending.key != ([r.id for r in records], seed):
+            if pending is not None:  # submitted for other records or another seed
+                pending.batch.cancel()
             self.submit(records, seed=seed)
             pending, self._pending = self._pending, None
-        _, records, x, fold, used, batch, submit_s = pending
+        records, x, fold, used = pending.records, pending.x, pending.fold, pending.used
         t0 = time.perf_counter()
         ks = tuple(self.cfg.repr.k_grid)
         orig = [i for i, r in enumerate(records) if "#" not in r.id]  # the gallery: originals
         votes = {k: np.zeros((len(records), self.dim)) for k in ks}
         near = [""] * len(records)
-        reps = batch.results()
+        reps = pending.batch.results()
         for f, rep in zip(used, reps):
             te = np.flatnonzero(fold == f)
             g = [i for i in orig if fold[i] != f]
@@ -305,7 +318,7 @@ class NeighbourVotes:
         # wall_s: reading features and submitting, plus waiting for the fits and voting
         self.info = {"k": self.k, "oof_weighted_f1": f1, "folds": self.cfg.mini.retrieval_folds,
                      "variant": self.variant, "n_gallery": len(orig),
-                     "wall_s": submit_s + time.perf_counter() - t0}
+                     "wall_s": pending.seconds + time.perf_counter() - t0}
         return self
 
     def _lookup(self, records: Sequence[Record]) -> tuple[np.ndarray, list[str]]:

@@ -374,3 +374,18 @@ def test_one_fan_out_equals_the_stages_one_after_another(monkeypatch, tmp_path):
     assert one.retrieval is None and one.retrieval_info == {}
     with pytest.raises(ValueError, match="mini backend only"):
         R.run_representations(resolve("tiny"), recs, tests, retrieval_model=True, **kw)
+
+
+def test_a_fit_for_other_records_than_submitted_refits(monkeypatch):
+    recs, _ = dataset(n_per_label=4, n_labels=3)
+    monkeypatch.setattr(R, "extract", _fake_extract(_noise_table(recs)))
+    cfg = resolve("mini", **TINY_RC)
+    direct = R.NeighbourVotes(cfg).fit(recs, seed=0)
+    nv = R.NeighbourVotes(cfg)
+    nv.submit(recs[:-3], seed=0)  # other records: not used
+    nv.fit(recs, seed=0)
+    np.testing.assert_array_equal(nv.votes(recs), direct.votes(recs))
+    nv.submit(recs, seed=1)  # another seed: not used either
+    nv.fit(recs, seed=0)
+    np.testing.assert_array_equal(nv.votes(recs), direct.votes(recs))
+    assert nv._pending is None and len(nv.gallery) == len(recs)
