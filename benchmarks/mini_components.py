@@ -238,6 +238,7 @@ def main(argv=None) -> int:
 
     if not a.skip_blocks:
         from kdsl_utils.features import embed_texts
+        from kdsl_utils.standardise import apply_stats, fit_stats
 
         # every block, for every record (images of dialogues and e5 of OCR text included)
         wide = replace(cfg.mini, intent_images=True)
@@ -246,7 +247,8 @@ def main(argv=None) -> int:
         e5_ocr = tuple(np.where(np.array([bool(t.strip()) for t in r.ocr])[:, None],
                                 embed_texts(r.ocr, cache), 0.0) for r in (raw_tr, raw_te))
         feat = Featurizer().fit(raw_tr)
-        e5_ocr = tuple(feat.scale_like(x, fit_on=e5_ocr[0]) for x in e5_ocr)
+        ocr_stats = fit_stats(e5_ocr[0])  # standardised on the training records, as mini does
+        e5_ocr = tuple(apply_stats(x, ocr_stats) for x in e5_ocr)
         show("### Feature blocks: logistic regression per task, weighted F1 on test1",
              md(["task", "blocks", "wF1"], block_table(data, raw_tr, raw_te, feat, e5_ocr)))
 

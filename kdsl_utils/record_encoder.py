@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from .config import ReprCfg
-from .contrastive import VARIANTS, Gate, Variant, contrastive_loss
+from .contrastive import VARIANTS, Gate, Variant, contrastive_loss, temperature
 from .contrastive import partners as _partners
 from .data.labels import LABEL_INDEX
 from .data.records import Record
-from .standardise import scale_like
+from .standardise import Stats, apply_stats, fit_stats
 from .threads import torch_threads
 
 
@@ -64,8 +64,8 @@ class RecordEncoder(nn.Module):
     """Trainable part: text-side MLP ``f``, visual-side MLP ``g``, the gate, the temperature.
 
     ``forward`` takes float tensors word/note/pooled (b, ``text_dim``; e5: 384) and visual
-    (b, ``n_visual``; EfficientNet + layout: 1287, already scaled) and returns (multimodal embedding (b, dim), visual-side embedding (b, dim) or
-    None), both L2-normalised.
+    (b, ``n_visual``; EfficientNet + layout: 1287, already scaled) and returns (multimodal
+    embedding (b, dim), visual-side embedding (b, dim) or None), both L2-normalised.
     """
 
     def __init__(self, variant: Variant, rc: ReprCfg, text_dim: int, n_visual: int):
@@ -82,7 +82,7 @@ class RecordEncoder(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return float(1.0 / self.logit_scale.detach().clamp(max=np.log(100.0)).exp())
+        return temperature(self.logit_scale)
 
     def forward(self, word, note, pooled, visual):
         vt = self.variant
@@ -107,13 +107,13 @@ class Representation:
 
     variant_name: str
     encoder: RecordEncoder
-    visual_fit: np.ndarray  # the training records' raw visual features (for scaling)
+    visual_stats: Stats | None  # standardisation of the training records' visual features
     losses: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
     def embed(self, x: ReprInputs) -> np.ndarray:
         """(n, dim) L2-normalised embeddings."""
-        vis = scale_like(x.visual, self.visual_fit)
+        vis = apply_stats(x.visual, self.visual_stats)
         self.encoder.eval()
         with torch.inference_mode(), torch_threads(1):
             e, _ = self.encoder(*(torch.from_numpy(a) for a in (x.word, x.note, x.pooled, vis)))
@@ -134,7 +134,8 @@ def train(records: Sequence[Record], x: ReprInputs, variant_name: str, rc: ReprC
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     enc = RecordEncoder(variant, rc, x.word.shape[1], x.visual.shape[1])
-    vis = scale_like(x.visual, x.visual)
+    visual_stats = fit_stats(x.visual)
+    vis = apply_stats(x.visual, visual_stats)
     tens = [torch.from_numpy(a) for a in (x.word, x.note, x.pooled, vis)]
     y = torch.tensor([LABEL_INDEX[r.label] for r in records])
     opt = torch.optim.AdamW(enc.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
@@ -160,11 +161,11 @@ def train(records: Sequence[Record], x: ReprInputs, variant_name: str, rc: ReprC
                 tot += loss.item() * len(a)
             losses.append(tot / n)
     enc.eval()
-    return Representation(variant_name, enc, x.visual.copy(), losses, time.perf_counter() - t0)
+    return Representation(variant_name, enc, visual_stats, losses, time.perf_counter() - t0)
 
 
 def train_job(records: Sequence[Record], x: ReprInputs, rc: ReprCfg,
-               job: tuple[str, Sequence[int] | None, int]) -> Representation:
+              job: tuple[str, Sequence[int] | None, int]) -> Representation:
     """``job`` = (variant, rows of ``records`` to train on (None: all), seed): one
     :func:`train`, module level so that a worker process can run it."""
     variant, rows, seed = job

@@ -62,7 +62,7 @@ import numpy as np
 import pandas as pd
 from sklearn.manifold import TSNE
 
-from . import seesaw_files
+from . import record_encoder, seesaw_files
 from .config import Profile
 from .contrastive import VARIANTS
 from .data.augment import dialogue_dropout
@@ -74,7 +74,6 @@ from .metrics import POOLED, metric_rows
 from .models import qwen_repr
 from .models.base import Predictions, select_mix
 from .models.mini import MiniBackend, candidate_mask, extract_inputs
-from . import record_encoder
 from .record_encoder import ReprInputs, Representation, train_job
 from .report import ci_rows, paired_gain_ci
 from .workers import Batch, prestart, submit_jobs

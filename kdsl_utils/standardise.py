@@ -40,7 +40,3 @@ def apply_stats(x: np.ndarray, stats: Stats | None) -> np.ndarray:
     mu, sd, scale = stats
     return np.where(_present(x)[:, None], (x - mu) / sd / scale, 0.0).astype(np.float32)
 
-
-def scale_like(x: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
-    """``x`` standardised with the :data:`Stats` of ``fit_on``."""
-    return apply_stats(x, fit_stats(fit_on))
